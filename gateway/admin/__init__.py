@@ -1,0 +1,1 @@
+"""The control plane's HTTP face: admin API, probes, metrics, dashboard."""

@@ -1,0 +1,60 @@
+"""Bearer tokens for the admin API. The token's name is the actor in audit events."""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+
+from gateway.errors import Unauthorized
+
+TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
+STATE_DIR_ENV = "MODELGATE_STATE_DIR"
+
+
+def state_dir() -> Path:
+    configured = os.environ.get(STATE_DIR_ENV)
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "modelgate"
+
+
+def token_file(admin_port: int) -> Path:
+    """Where a gateway without a configured token writes the one it generated."""
+    return state_dir() / f"admin-token-{admin_port}"
+
+
+def generate_token_file(admin_port: int) -> tuple[str, Path]:
+    """Make a fresh token and write it to a 0600 file the CLI knows to look in."""
+    token = secrets.token_urlsafe(32)
+    path = token_file(admin_port)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+    return token, path
+
+
+def read_token_file(admin_port: int) -> str | None:
+    try:
+        return token_file(admin_port).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def actor_for(header: str | None, tokens: dict[str, str]) -> str:
+    """The token's name for a valid ``Authorization: Bearer …`` header, else `Unauthorized`."""
+    if not header or not header.startswith("Bearer "):
+        raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+    given = header[7:].strip().encode()
+    found = None
+    for name, secret in tokens.items():
+        # compare against every token so the time taken does not reveal which one is close
+        if hmac.compare_digest(given, secret.encode()):
+            found = name
+    if found is None:
+        raise Unauthorized("invalid token")
+    return found

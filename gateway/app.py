@@ -1,0 +1,218 @@
+"""Wiring and lifecycle of one gateway process.
+
+`Gateway` owns everything with a lifetime: the store, the control plane, the upstream pools,
+the client-facing server, the admin server and the feature components (shadow, rollout,
+monitoring). `start()` brings them up in dependency order; `stop()` drains in-flight requests,
+then cancels and awaits every background task before closing pools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.web_server import Server
+
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.control import ControlPlane
+from gateway.metrics import Recorder
+from gateway.proxy import Proxy
+from gateway.routing import (
+    Backend,
+    CompiledRoute,
+    RoutingTable,
+    StaticRoute,
+    Tap,
+)
+from gateway.state import RouteState
+from gateway.store import Store, open_store
+from gateway.upstream import Upstream, make_upstream
+
+log = logging.getLogger("modelgate")
+
+
+class Component(Protocol):
+    """A feature living beside the proxy (shadow, rollout, monitoring).
+
+    `tap()` is asked for each route whenever its routing state changes; a component that
+    does not look at that route's traffic returns None, so the route pays nothing for it.
+    """
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def tap(self, route: RouteConfig, state: RouteState) -> Tap | None: ...
+
+    def add_admin_routes(self, app: web.Application) -> None: ...
+
+
+ComponentFactory = Callable[["Gateway"], Component]
+
+
+def default_components() -> list[ComponentFactory]:
+    from gateway.monitoring.component import Monitoring
+    from gateway.rollout.component import Rollouts
+    from gateway.shadow.component import Shadowing
+
+    return [Monitoring, Shadowing, Rollouts]
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        store: Store | None = None,
+        upstream_kind: str = "aiohttp",
+        admin_token: dict[str, str] | None = None,
+        components: list[ComponentFactory] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.store = store if store is not None else open_store(config.store)
+        self.control = ControlPlane(config, self.store)
+        self.recorder = Recorder(clock)
+        self.tokens = dict(config.admin.tokens)
+        if admin_token:
+            self.tokens.update(admin_token)
+        self.upstream_kind = upstream_kind
+        self._upstreams: dict[str, Upstream] = {}
+        self.static: dict[str, StaticRoute] = {}
+        self.table = RoutingTable([])
+        self.proxy = Proxy(self)
+        factories = default_components() if components is None else components
+        self.components: list[Component] = [factory(self) for factory in factories]
+        self.ready = False
+        self.draining = False
+        self.started_at = 0.0
+        self._runners: list[web.BaseRunner] = []
+        self.addresses: list[tuple[str, int]] = []
+        self.admin_address: tuple[str, int] | None = None
+
+    def component(self, name: str) -> Any:
+        for comp in self.components:
+            if comp.name == name:
+                return comp
+        raise KeyError(name)
+
+    # -- routing snapshot ----------------------------------------------------------------------
+    def _upstream(self, origin: str) -> Upstream:
+        found = self._upstreams.get(origin)
+        if found is None:
+            found = self._upstreams[origin] = make_upstream(origin, self.upstream_kind)
+        return found
+
+    def _build_static(self) -> None:
+        for route in self.config.routes:
+            backends = {
+                name: Backend(name, [self._upstream(url) for url in b.urls])
+                for name, b in route.backends.items()
+            }
+            stats = {name: self.recorder.stats(route.name, name) for name in route.backends}
+            self.static[route.name] = StaticRoute(
+                config=route,
+                backends=backends,
+                stats=stats,
+                salt=route.name.encode()[:64],
+                shadow_salt=(route.name + "#shadow").encode()[:64],
+            )
+
+    def compile_route(self, name: str, state: RouteState) -> CompiledRoute:
+        static = self.static[name]
+        taps = []
+        for comp in self.components:
+            tap = comp.tap(static.config, state)
+            if tap is not None:
+                taps.append(tap)
+        return CompiledRoute(static, state, tuple(taps))
+
+    def _on_state(self, name: str, state: RouteState) -> None:
+        """Swap in a new snapshot: requests already running keep the one they started with."""
+        compiled = self.compile_route(name, state)
+        if name in self.table.by_name:
+            self.table = self.table.replace(compiled)
+        else:
+            self.table = RoutingTable([*self.table.routes, compiled])
+
+    def refresh_route(self, name: str) -> None:
+        """Recompile a route (a component's tap changed, e.g. probes turned on)."""
+        self._on_state(name, self.control.state(name))
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self, *, serve_proxy: bool = True, serve_admin: bool = True) -> None:
+        self.started_at = time.time()
+        await self.store.start()
+        self._build_static()
+        self.control.on_change(self._on_state)
+        await self.control.start()
+        for comp in self.components:
+            await comp.start()
+        # Components may have changed what they tap now that they started.
+        for name in list(self.static):
+            self.refresh_route(name)
+        if serve_proxy:
+            server = Server(self.proxy.handle, access_log=None, handler_cancellation=False)
+            runner = web.ServerRunner(server, handle_signals=False)
+            await runner.setup()
+            self._runners.append(runner)
+            for host, port in self.config.listen:
+                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+                await site.start()
+                self.addresses.append(_bound(site, host, port))
+        if serve_admin:
+            from gateway.admin.api import build_admin_app
+
+            admin_app = build_admin_app(self)
+            runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+            await runner.setup()
+            self._runners.append(runner)
+            host, port = self.config.admin.listen
+            site = web.TCPSite(runner, host, port, reuse_address=True)
+            await site.start()
+            self.admin_address = _bound(site, host, port)
+        # Start-up garbage lives forever: keep the collector from rescanning it under load.
+        gc.collect()
+        gc.freeze()
+        self.ready = True
+        log.info("gateway ready", extra={"event": "ready", "listen": self.addresses,
+                                         "admin": self.admin_address})
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop being ready, then wait (bounded) for requests in flight to finish."""
+        self.draining = True
+        self.ready = False
+        deadline = time.monotonic() + (self.config.drain_timeout if timeout is None else timeout)
+        while self.proxy.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        await self.drain(drain_timeout)
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        for comp in reversed(self.components):
+            try:
+                await comp.stop()
+            except Exception:
+                log.exception("component %s failed to stop", comp.name)
+        for upstream in self._upstreams.values():
+            await upstream.close()
+        await self.store.close()
+        gc.unfreeze()
+
+
+def _bound(site: web.TCPSite, host: str, port: int) -> tuple[str, int]:
+    server = site._server  # noqa: SLF001 - the only way to learn the port chosen for port 0
+    if server is not None and getattr(server, "sockets", None):
+        sock = server.sockets[0]
+        return host, int(sock.getsockname()[1])
+    return host, port

@@ -1,0 +1,243 @@
+"""The control plane: the only code that changes routing state.
+
+The admin API, the CLI (through the API) and the rollout controller all call these methods.
+Each one is a compare-and-set loop on the route's document in the store followed by an audit
+event, so concurrent writers never lose each other's changes and every change is explained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
+from gateway.state import Event, RouteState
+from gateway.store import Store
+
+log = logging.getLogger("modelgate.control")
+ROUTE_KEY = "route/"
+CAS_ATTEMPTS = 20
+
+Listener = Callable[[str, RouteState], None]
+EventListener = Callable[[Event], None]
+
+
+def route_key(name: str) -> str:
+    return ROUTE_KEY + name
+
+
+class ControlPlane:
+    def __init__(self, config: GatewayConfig, store: Store) -> None:
+        self.config = config
+        self.store = store
+        self._routes = {r.name: r for r in config.routes}
+        self._states: dict[str, RouteState] = {}
+        self._listeners: list[Listener] = []
+        self._event_listeners: list[EventListener] = []
+        store.watch(self._on_store_change)
+
+    # -- reading -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Seed each route's state from config where the store has none yet."""
+        for route in self.config.routes:
+            initial = RouteState(
+                live=route.live,
+                canary=route.canary,
+                canary_weight=route.canary_weight if route.canary else 0.0,
+                shadow=route.shadow.backend if route.shadow else None,
+                shadow_sample=route.shadow.sample if route.shadow and route.shadow.backend else 0.0,
+            )
+            found = await self.store.read(route_key(route.name))
+            if found is None:
+                try:
+                    await self.store.write(route_key(route.name), initial.to_json(), 0)
+                except VersionConflict:
+                    pass  # another replica seeded it first
+                found = await self.store.read(route_key(route.name))
+            if found is not None:
+                self._accept(route.name, found[0], found[1])
+
+    def route_config(self, name: str) -> RouteConfig:
+        route = self._routes.get(name)
+        if route is None:
+            raise NotFound(f"no route named {name!r}")
+        return route
+
+    def state(self, name: str) -> RouteState:
+        """The last state this process saw (what it routes on right now)."""
+        self.route_config(name)
+        return self._states[name]
+
+    def states(self) -> dict[str, RouteState]:
+        return dict(self._states)
+
+    def on_change(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def on_event(self, listener: EventListener) -> None:
+        self._event_listeners.append(listener)
+
+    def _on_store_change(self, key: str, doc: dict[str, Any] | None, version: int) -> None:
+        if key.startswith(ROUTE_KEY) and doc is not None:
+            self._accept(key[len(ROUTE_KEY):], doc, version)
+
+    def _accept(self, name: str, doc: dict[str, Any], version: int) -> None:
+        if name not in self._routes:
+            return
+        old = self._states.get(name)
+        if old is not None and old.version >= version:
+            return
+        state = RouteState.from_json(doc).evolve(version=version)
+        self._states[name] = state
+        for listener in self._listeners:
+            try:
+                listener(name, state)
+            except Exception:
+                log.exception("routing listener failed for route %s", name)
+
+    # -- writing -----------------------------------------------------------------------------
+    async def mutate(
+        self,
+        name: str,
+        change: Callable[[RouteState, RouteConfig], RouteState],
+        *,
+        actor: str,
+        action: str,
+        reason: str | None = None,
+    ) -> RouteState:
+        """Apply `change` with compare-and-set, retrying on a lost race; record the event.
+
+        `change` validates against the current state and raises `InvalidRequest`/`Conflict`
+        to refuse; then nothing is written.
+        """
+        route = self.route_config(name)
+        for _ in range(CAS_ATTEMPTS):
+            found = await self.store.read(route_key(name))
+            if found is None:
+                raise NotFound(f"route {name!r} has no state in the store")
+            current = RouteState.from_json(found[0]).evolve(version=found[1])
+            new = change(current, route)
+            if new == current:
+                return current
+            try:
+                version = await self.store.write(
+                    route_key(name), new.evolve(version=0).to_json(), found[1]
+                )
+            except VersionConflict:
+                await asyncio.sleep(0)
+                continue
+            new = new.evolve(version=version)
+            self._accept(name, new.to_json(), version)
+            await self.record(name, actor, action, current.to_json(), new.to_json(), reason)
+            return new
+        raise Conflict(f"route {name!r} is changing too fast; try again")
+
+    async def record(
+        self,
+        route: str | None,
+        actor: str,
+        action: str,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+        reason: str | None = None,
+    ) -> Event:
+        """Append an audit event (also for things that are not state writes, e.g. alarms)."""
+        stored = await self.store.append_event(
+            {"time": time.time(), "route": route, "actor": actor, "action": action,
+             "before": before, "after": after, "reason": reason}
+        )
+        event = Event.from_json(stored)
+        for listener in self._event_listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("event listener failed")
+        return event
+
+    async def events(self, limit: int = 100, route: str | None = None) -> list[Event]:
+        return [Event.from_json(e) for e in await self.store.events(limit, route)]
+
+    # -- the operations ------------------------------------------------------------------------
+    async def set_canary(
+        self, name: str, backend: str | None, weight: float, *, actor: str,
+        reason: str | None = None,
+    ) -> RouteState:
+        check_weight(weight, "weight")
+
+        def change(state: RouteState, route: RouteConfig) -> RouteState:
+            target = backend or state.canary
+            if weight == 0 and target is None:
+                return state.evolve(canary=None, canary_weight=0.0)
+            if target is None:
+                raise InvalidRequest("no canary backend given and none is set")
+            check_backend(route, target, "backend")
+            if target == state.live:
+                raise InvalidRequest(f"backend {target!r} is already live; pick another")
+            return state.evolve(canary=target, canary_weight=float(weight))
+
+        return await self.mutate(name, change, actor=actor, action="canary", reason=reason)
+
+    async def switch(
+        self, name: str, to: str, *, actor: str, reason: str | None = None
+    ) -> RouteState:
+        """Blue-green: all traffic to `to` at once; the old live backend becomes the rollback
+        target. Any canary split is cleared (the new live version takes everything)."""
+
+        def change(state: RouteState, route: RouteConfig) -> RouteState:
+            check_backend(route, to, "to")
+            if to == state.live:
+                if state.canary_weight == 0:
+                    return state
+                return state.evolve(canary=None, canary_weight=0.0)
+            return state.evolve(live=to, previous=state.live, canary=None, canary_weight=0.0)
+
+        return await self.mutate(name, change, actor=actor, action="switch", reason=reason)
+
+    async def rollback(self, name: str, *, actor: str, reason: str | None = None) -> RouteState:
+        """All traffic back to the last known-good version.
+
+        With canary traffic flowing, that is the live backend (canary weight → 0). Without,
+        it is the previous live backend (undo the last switch)."""
+
+        def change(state: RouteState, route: RouteConfig) -> RouteState:
+            if state.canary and state.canary_weight > 0:
+                return state.evolve(canary_weight=0.0)
+            if state.previous is None:
+                raise Conflict("nothing to roll back: no canary traffic and no previous backend")
+            return state.evolve(live=state.previous, previous=state.live, canary=None,
+                                canary_weight=0.0)
+
+        return await self.mutate(name, change, actor=actor, action="rollback", reason=reason)
+
+    async def set_shadow(
+        self, name: str, backend: str | None, sample: float, *, actor: str,
+        reason: str | None = None,
+    ) -> RouteState:
+        def change(state: RouteState, route: RouteConfig) -> RouteState:
+            if backend is None:
+                return state.evolve(shadow=None, shadow_sample=0.0)
+            check_backend(route, backend, "backend")
+            check_weight(sample, "sample")
+            if backend == state.live:
+                raise InvalidRequest(f"backend {backend!r} is live; a shadow must be another one")
+            return state.evolve(shadow=backend, shadow_sample=float(sample))
+
+        action = "shadow" if backend is not None else "shadow_off"
+        return await self.mutate(name, change, actor=actor, action=action, reason=reason)
+
+
+def check_backend(route: RouteConfig, backend: Any, field: str) -> None:
+    if not isinstance(backend, str) or backend not in route.backends:
+        known = ", ".join(sorted(route.backends))
+        raise InvalidRequest(f"{field}: unknown backend {backend!r} (route {route.name!r} has {known})")
+
+
+def check_weight(value: Any, field: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise InvalidRequest(f"{field}: must be a number from 0 to 100, got {value!r}")
+    if round(value * 100) != value * 100 and abs(round(value * 100) - value * 100) > 1e-6:
+        raise InvalidRequest(f"{field}: resolution is 0.01, got {value!r}")

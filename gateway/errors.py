@@ -1,0 +1,93 @@
+"""Every error modelgate raises, and how each is shown at the edge.
+
+    ModelgateError
+    ├── ConfigError            bad config file: names the key path (exit 2 / refused at load)
+    ├── AdminError             bad admin call, carries the HTTP status
+    │   ├── InvalidRequest     400: bad body, unknown backend, value out of range
+    │   ├── Unauthorized       401
+    │   ├── NotFound           404
+    │   └── Conflict           409: state does not allow it (nothing to roll back, ...)
+    ├── StoreError             the routing-state store failed
+    │   └── VersionConflict    compare-and-set lost a race: re-read and try again
+    └── UpstreamError          a backend call failed before the response started
+        ├── UpstreamConnectError   refused / unreachable   → 502
+        ├── UpstreamResetError     reset / closed early    → 502
+        └── UpstreamTimeout        connect or read timeout → 504
+
+Foreign exceptions (aiohttp, OSError, asyncio.TimeoutError) are translated into these in one
+place per component (`raise ... from exc`); the proxy and the admin API map them to responses.
+"""
+
+from __future__ import annotations
+
+
+class ModelgateError(Exception):
+    """Base of every error modelgate raises on purpose."""
+
+
+class ConfigError(ModelgateError):
+    """A config value is wrong; `path` is the key path, e.g. ``routes[0].backends.green.url``."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}" if path else problem)
+
+
+class AdminError(ModelgateError):
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
+
+
+class InvalidRequest(AdminError):
+    status = 400
+    code = "invalid_request"
+
+
+class Unauthorized(AdminError):
+    status = 401
+    code = "unauthorized"
+
+
+class NotFound(AdminError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(AdminError):
+    status = 409
+    code = "conflict"
+
+
+class StoreError(ModelgateError):
+    """The store could not be read or written."""
+
+
+class VersionConflict(StoreError):
+    """A compare-and-set write saw a newer version than expected."""
+
+
+class UpstreamError(ModelgateError):
+    """A backend call failed before any byte of its response reached the client."""
+
+    status = 502
+    kind = "error"
+
+
+class UpstreamConnectError(UpstreamError):
+    status = 502
+    kind = "refused"
+
+
+class UpstreamResetError(UpstreamError):
+    status = 502
+    kind = "reset"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    kind = "timeout"

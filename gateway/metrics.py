@@ -1,0 +1,267 @@
+"""Per-backend request statistics: one cheap object per (route, backend), bound at config time.
+
+The hot path calls `BackendStats.observe()`: a few integer increments into the current
+one-second slot and into cumulative totals. Everything else reads from these at its own pace:
+the Prometheus collector (cumulative totals, at scrape time), the rollout gates and alarms
+(sliding windows over the slots), the dashboard (per-second series). prometheus-client's own
+Counter/Histogram objects would cost ~6-11 µs a request with locks; this costs ~1 µs.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+# Prometheus histogram buckets (seconds) -- dashboards and alert rules rely on these.
+PROM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def _fine_bounds() -> tuple[float, ...]:
+    """Log-spaced bounds (×1.2, 50 µs … 120 s) merged with PROM_BOUNDS: quantiles from the
+    windows are within ~10%, and the Prometheus buckets are exact sums of fine ones."""
+    bounds = set(PROM_BOUNDS)
+    b = 0.00005
+    while b < 120:
+        bounds.add(round(b, 7))
+        b *= 1.2
+    return tuple(sorted(bounds))
+
+
+FINE_BOUNDS = _fine_bounds()
+N_BUCKETS = len(FINE_BOUNDS) + 1  # the last one is +Inf
+_PROM_INDEX = tuple(FINE_BOUNDS.index(b) for b in PROM_BOUNDS)
+WINDOW_SLOTS = 900  # one slot a second: 15 minutes, the dashboard's span
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+ERROR_KINDS = ("refused", "reset", "timeout", "error")
+
+
+class Slot:
+    """One second of one backend's traffic."""
+
+    __slots__ = ("second", "requests", "errors", "latency_sum", "hist", "counters")
+
+    def __init__(self, second: int) -> None:
+        self.second = second
+        self.requests = 0
+        self.errors = 0
+        self.latency_sum = 0.0
+        self.hist = [0] * N_BUCKETS
+        self.counters: dict[str, float] = {}
+
+
+@dataclass(slots=True)
+class WindowSummary:
+    """Aggregate of a backend's slots over a window, what gates and alarms judge."""
+
+    seconds: float
+    requests: int = 0
+    errors: int = 0
+    latency_sum: float = 0.0
+    hist: list[int] = field(default_factory=lambda: [0] * N_BUCKETS)
+    counters: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def error_rate(self) -> float | None:
+        return self.errors / self.requests if self.requests else None
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def quantile(self, q: float) -> float | None:
+        """Latency quantile in seconds (upper bound of the bucket it falls in)."""
+        total = sum(self.hist)
+        if total == 0:
+            return None
+        rank = math.ceil(q * total)
+        seen = 0
+        for i, n in enumerate(self.hist):
+            seen += n
+            if seen >= rank:
+                return FINE_BOUNDS[i] if i < len(FINE_BOUNDS) else FINE_BOUNDS[-1]
+        return FINE_BOUNDS[-1]
+
+    def counter(self, name: str) -> float:
+        return self.counters.get(name, 0.0)
+
+
+class BackendStats:
+    """Everything measured about one backend of one route, in this process."""
+
+    __slots__ = (
+        "route", "backend", "clock", "status_totals", "hist_totals", "latency_sum_total",
+        "error_totals", "counter_totals", "_slots", "_current",
+    )
+
+    def __init__(self, route: str, backend: str, clock: Callable[[], float] = time.time) -> None:
+        self.route = route
+        self.backend = backend
+        self.clock = clock
+        self.status_totals = [0] * 6  # index = status // 100
+        self.hist_totals = [0] * N_BUCKETS
+        self.latency_sum_total = 0.0
+        self.error_totals = dict.fromkeys(ERROR_KINDS, 0)
+        self.counter_totals: dict[str, float] = {}
+        self._slots: list[Slot | None] = [None] * WINDOW_SLOTS
+        self._current = Slot(-1)
+
+    def _slot(self) -> Slot:
+        second = int(self.clock())
+        slot = self._current
+        if slot.second != second:
+            slot = Slot(second)
+            self._slots[second % WINDOW_SLOTS] = slot
+            self._current = slot
+        return slot
+
+    def observe(self, status: int, latency: float) -> None:
+        """A request answered by the backend (any status) or by the gateway on its behalf."""
+        slot = self._slot()
+        i = bisect.bisect_left(FINE_BOUNDS, latency)
+        slot.requests += 1
+        slot.latency_sum += latency
+        slot.hist[i] += 1
+        self.hist_totals[i] += 1
+        self.latency_sum_total += latency
+        cls = status // 100
+        self.status_totals[cls if 1 <= cls <= 5 else 5] += 1
+        if status >= 500:
+            slot.errors += 1
+
+    def upstream_error(self, kind: str) -> None:
+        self.error_totals[kind] = self.error_totals.get(kind, 0) + 1
+
+    def add(self, name: str, value: float = 1.0) -> None:
+        """A named counter (probes: ``output_null``, ``input_missing``, ``label:setosa``...)."""
+        counters = self._slot().counters
+        counters[name] = counters.get(name, 0.0) + value
+        self.counter_totals[name] = self.counter_totals.get(name, 0.0) + value
+
+    def slots(self, seconds: float, now: float | None = None) -> Iterator[Slot]:
+        """Slots of the last `seconds` (the current, partial second included)."""
+        now_s = int(self.clock() if now is None else now)
+        oldest = now_s - max(1, math.ceil(seconds)) + 1
+        for slot in self._slots:
+            if slot is not None and oldest <= slot.second <= now_s:
+                yield slot
+
+    def window(self, seconds: float, now: float | None = None) -> WindowSummary:
+        summary = WindowSummary(seconds=seconds)
+        hist = summary.hist
+        for slot in self.slots(seconds, now):
+            summary.requests += slot.requests
+            summary.errors += slot.errors
+            summary.latency_sum += slot.latency_sum
+            for i, n in enumerate(slot.hist):
+                if n:
+                    hist[i] += n
+            for name, value in slot.counters.items():
+                summary.counters[name] = summary.counters.get(name, 0.0) + value
+        return summary
+
+    def series(self, seconds: int, step: int, now: float | None = None) -> list[WindowSummary]:
+        """Per-`step`-second summaries over the last `seconds`, oldest first (dashboard)."""
+        now_s = int(self.clock() if now is None else now)
+        n = max(1, seconds // step)
+        buckets = [WindowSummary(seconds=step) for _ in range(n)]
+        start = now_s - n * step + 1
+        for slot in self.slots(n * step, now_s):
+            b = buckets[(slot.second - start) // step]
+            b.requests += slot.requests
+            b.errors += slot.errors
+            b.latency_sum += slot.latency_sum
+            for i, c in enumerate(slot.hist):
+                if c:
+                    b.hist[i] += c
+            for name, value in slot.counters.items():
+                b.counters[name] = b.counters.get(name, 0.0) + value
+        return buckets
+
+
+class Recorder:
+    """Owns every metric of one gateway process and its Prometheus registry."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._stats: dict[tuple[str, str], BackendStats] = {}
+        self.in_flight: dict[str, int] = {}
+        self.gauges: dict[str, Callable[[], Iterable[Metric]]] = {}
+        self.registry.register(_Collector(self))
+        ProcessCollector(namespace="modelgate", registry=self.registry)
+
+    def stats(self, route: str, backend: str) -> BackendStats:
+        key = (route, backend)
+        found = self._stats.get(key)
+        if found is None:
+            found = self._stats[key] = BackendStats(route, backend, self.clock)
+        return found
+
+    def all_stats(self) -> list[BackendStats]:
+        return list(self._stats.values())
+
+    def add_collector(self, name: str, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Extra metric families computed at scrape time (shadow, rollout, probes, loop lag)."""
+        self.gauges[name] = collect
+
+
+class _Collector:
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    def collect(self) -> Iterator[Metric]:
+        rec = self.recorder
+        requests = CounterMetricFamily(
+            "modelgate_requests", "Requests answered, by route, backend and status class.",
+            labels=["route", "backend", "status_class"],
+        )
+        duration = HistogramMetricFamily(
+            "modelgate_request_duration_seconds",
+            "Time from request received to response headers sent (gateway total).",
+            labels=["route", "backend"],
+        )
+        errors = CounterMetricFamily(
+            "modelgate_upstream_errors", "Backend calls that failed, by kind.",
+            labels=["route", "backend", "kind"],
+        )
+        for stats in rec.all_stats():
+            labels = [stats.route, stats.backend]
+            for cls, label in enumerate(STATUS_CLASSES, start=1):
+                n = stats.status_totals[cls]
+                if n:
+                    requests.add_metric([*labels, label], n)
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            fine = stats.hist_totals
+            prev = 0
+            for bound, idx in zip(PROM_BOUNDS, _PROM_INDEX, strict=True):
+                cumulative += sum(fine[prev : idx + 1])
+                prev = idx + 1
+                buckets.append((f"{bound:g}", cumulative))
+            total = sum(fine)
+            buckets.append(("+Inf", total))
+            duration.add_metric(labels, buckets, stats.latency_sum_total)
+            for kind, n in stats.error_totals.items():
+                errors.add_metric([*labels, kind], n)
+        in_flight = GaugeMetricFamily(
+            "modelgate_in_flight_requests", "Requests being proxied now.", labels=["route"]
+        )
+        for route, n in rec.in_flight.items():
+            in_flight.add_metric([route], n)
+        yield requests
+        yield duration
+        yield errors
+        yield in_flight
+        for collect in list(rec.gauges.values()):
+            yield from collect()

@@ -1,0 +1,1 @@
+"""Monitoring: software, input and output metrics, sliding windows, alarms."""

@@ -1,0 +1,309 @@
+"""The hot path: match a route, pick a backend, forward, stream the answer back.
+
+Per request this does no I/O besides the backend call, takes no lock and allocates little:
+route tables, backends, pools and metric objects are all built when the config or the
+routing state changes (see routing.py). Features that need to look at the exchange (shadow,
+probes) are taps run after the client has its response; they never await.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.errors import UpstreamError
+from gateway.routing import CompiledRoute, Exchange, sticky_key_of
+from gateway.upstream import HOP_BY_HOP, Headers, UpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+log = logging.getLogger("modelgate.proxy")
+access_log = logging.getLogger("modelgate.access")
+
+BUFFER_REQUEST_UP_TO = 64 * 1024  # smaller bodies of known length are read whole: cheaper
+BUFFER_RESPONSE_UP_TO = 1024 * 1024
+READ_CHUNK = 64 * 1024
+REQUEST_ID = "X-Request-ID"
+_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def json_error(status: int, code: str, message: str, request_id: str | None = None,
+               **extra: object) -> web.Response:
+    body: dict[str, object] = {"error": code, "message": message, **extra}
+    headers = {}
+    if request_id:
+        body["request_id"] = request_id
+        headers[REQUEST_ID] = request_id
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
+
+
+def new_request_id() -> str:
+    return os.urandom(12).hex()
+
+
+class Proxy:
+    """The request handler of the client-facing server."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.in_flight = 0
+        self.access_log_sample = gateway.config.access_log_sample
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        headers_in = request.headers
+        request_id = headers_in.get(REQUEST_ID) or new_request_id()
+        route = self.gateway.table.match(request.host, request.path)
+        if route is None:
+            return json_error(404, "no_route", f"no route matches {request.path}", request_id)
+
+        length = request.content_length
+        if length is not None and length > route.max_body:
+            return json_error(413, "body_too_large",
+                              f"request body over the route's limit of {route.max_body} bytes",
+                              request_id, route=route.name)
+
+        key = sticky_key_of(route.sticky, headers_in, request.query) if route.sticky else None
+        override = headers_in.get(route.override_header) if route.override_header else None
+        backend = route.pick(key, override)
+        stats = route.backend_stats(backend)
+
+        rec = self.gateway.recorder
+        self.in_flight += 1
+        rec.in_flight[route.name] = rec.in_flight.get(route.name, 0) + 1
+        status = 502
+        exchange: Exchange | None = None
+        try:
+            forward = self._forward_headers(request, request_id)
+            body: bytes | AsyncIterator[bytes] | None
+            too_large: list[bool] = []
+            if not request.body_exists:
+                body = None
+            elif route.needs_request_body or (
+                length is not None and length <= BUFFER_REQUEST_UP_TO
+            ):
+                try:
+                    body = await _read_body(request, route.max_body)
+                except BodyTooLarge:
+                    status = 413
+                    return json_error(413, "body_too_large",
+                                      f"request body over the route's limit of "
+                                      f"{route.max_body} bytes", request_id, route=route.name)
+            else:
+                body = _stream_body(request, route.max_body, too_large)
+
+            upstream = backend.upstream()
+            try:
+                resp = await upstream.send(
+                    request.method, request.raw_path, forward, body, route.timeouts
+                )
+            except UpstreamError as exc:
+                if too_large:
+                    status = 413
+                    return json_error(413, "body_too_large",
+                                      f"request body over the route's limit of "
+                                      f"{route.max_body} bytes", request_id, route=route.name)
+                status = exc.status
+                stats.upstream_error(exc.kind)
+                log.warning("upstream %s of route %s failed: %s", backend.name, route.name, exc)
+                code = "upstream_timeout" if status == 504 else "upstream_unavailable"
+                return json_error(status, code, f"backend {backend.name!r}: {exc.kind}",
+                                  request_id, route=route.name, backend=backend.name)
+
+            status = resp.status
+            if route.taps:
+                exchange = Exchange()
+                exchange.route = route.name
+                exchange.backend = backend.name
+                exchange.request_id = request_id
+                exchange.method = request.method
+                exchange.target = request.raw_path
+                exchange.request_headers = forward
+                exchange.request_body = body if isinstance(body, bytes) else None
+                exchange.sticky_key = key
+                exchange.status = status
+                exchange.started = started
+            out_headers = self._response_headers(resp, request_id)
+            if exchange is not None:
+                exchange.response_headers = resp.headers
+            response = await self._respond(request, route, resp, out_headers, exchange)
+            return response
+        finally:
+            latency = time.perf_counter() - started
+            stats.observe(status, latency)
+            self.in_flight -= 1
+            rec.in_flight[route.name] -= 1
+            if exchange is not None:
+                exchange.latency = latency
+                for tap in route.taps:
+                    try:
+                        tap(exchange)
+                    except Exception:
+                        log.exception("tap failed on route %s", route.name)
+            if self.access_log_sample and (
+                self.access_log_sample >= 1 or os.urandom(1)[0] < self.access_log_sample * 256
+            ):
+                access_log.info(
+                    "request", extra={"request_id": request_id, "route": route.name,
+                                      "backend": backend.name, "status": status,
+                                      "latency_ms": round(latency * 1000, 3),
+                                      "method": request.method, "path": request.path},
+                )
+
+    def _forward_headers(self, request: web.BaseRequest, request_id: str) -> Headers:
+        raw = request.headers
+        drop = HOP_BY_HOP
+        connection = raw.get("connection")
+        if connection:
+            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        out: Headers = []
+        forwarded_for = None
+        has_proto = has_host = has_id = False
+        for name, value in raw.items():
+            lower = name.lower()
+            if lower in drop or lower == "host" or lower == "content-length":
+                continue
+            if lower == "x-forwarded-for":
+                forwarded_for = value
+                continue
+            if lower == "x-forwarded-proto":
+                has_proto = True
+            elif lower == "x-forwarded-host":
+                has_host = True
+            elif lower == "x-request-id":
+                has_id = True
+            out.append((name, value))
+        peer = request.remote or "unknown"
+        out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
+        if not has_proto:
+            out.append(("X-Forwarded-Proto", request.scheme))
+        if not has_host and request.host:
+            out.append(("X-Forwarded-Host", request.host))
+        if not has_id:
+            out.append((REQUEST_ID, request_id))
+        return out
+
+    @staticmethod
+    def _response_headers(resp: UpstreamResponse, request_id: str) -> CIMultiDict[str]:
+        drop = _DROP_RESPONSE
+        out: CIMultiDict[str] = CIMultiDict()
+        has_id = False
+        for name, value in resp.headers:
+            lower = name.lower()
+            if lower == "connection":
+                drop = drop | {t.strip().lower() for t in value.split(",")}
+        for name, value in resp.headers:
+            lower = name.lower()
+            if lower in drop:
+                continue
+            if lower == "x-request-id":
+                has_id = True
+            out.add(name, value)
+        if not has_id:
+            out[REQUEST_ID] = request_id
+        return out
+
+    async def _respond(
+        self,
+        request: web.BaseRequest,
+        route: CompiledRoute,
+        resp: UpstreamResponse,
+        headers: CIMultiDict[str],
+        exchange: Exchange | None,
+    ) -> web.StreamResponse:
+        if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
+            resp.close() if request.method == "HEAD" else await resp.read()
+            if resp.content_length is not None and request.method == "HEAD":
+                headers["Content-Length"] = str(resp.content_length)
+            response = web.Response(status=resp.status, reason=resp.reason, headers=headers)
+            if request.method == "HEAD":
+                response.content_length = resp.content_length
+            return response
+        length = resp.content_length
+        streaming = length is None or length > BUFFER_RESPONSE_UP_TO
+        if not streaming:
+            try:
+                body = await resp.read()
+            except UpstreamError as exc:
+                return json_error(exc.status, "upstream_unavailable",
+                                  f"backend failed while sending its body: {exc.kind}",
+                                  headers.get(REQUEST_ID), route=route.name)
+            if exchange is not None:
+                exchange.response_body = body
+            return web.Response(status=resp.status, reason=resp.reason, body=body,
+                                headers=headers)
+
+        response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+        if length is not None:
+            response.content_length = length
+        capture: list[bytes] | None = (
+            [] if exchange is not None and route.needs_response_body else None
+        )
+        captured = 0
+        await response.prepare(request)
+        try:
+            async for chunk in resp.iter_chunks():
+                await response.write(chunk)
+                if capture is not None:
+                    captured += len(chunk)
+                    if captured <= route.max_body:
+                        capture.append(chunk)
+                    else:
+                        capture = None
+        except UpstreamError as exc:
+            # Headers are out: the only honest signal left is to cut the connection.
+            log.warning("stream from %s broke mid-body: %s", route.name, exc)
+            resp.close()
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except (ConnectionResetError, ConnectionError):
+            resp.close()  # the client went away; drop the backend connection too
+            raise
+        await response.write_eof()
+        if capture is not None and exchange is not None:
+            exchange.response_body = b"".join(capture)
+        return response
+
+
+async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
+    content = request.content
+    length = request.content_length
+    if length is not None:
+        return await content.read()  # the HTTP parser enforces Content-Length
+    parts: list[bytes] = []
+    size = 0
+    while chunk := await content.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+async def _stream_body(
+    request: web.BaseRequest, limit: int, too_large: list[bool]
+) -> AsyncIterator[bytes]:
+    size = 0
+    content = request.content
+    while chunk := await content.read(READ_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            too_large.append(True)
+            raise BodyTooLarge
+        yield chunk

@@ -1,0 +1,1 @@
+"""Progressive delivery: canary ramps judged by live gates, guarded blue-green."""

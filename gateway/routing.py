@@ -1,0 +1,200 @@
+"""Which backend serves a request: an immutable snapshot, swapped whole on every state change.
+
+`RoutingTable` is built from the config (static: prefixes, backends, pools, metric objects)
+and the routes' `RouteState` (dynamic: live, canary weight, shadow). Readers never lock: the
+proxy reads `gateway.table` once per request and keeps that snapshot to the end, so a request
+in flight finishes on the backend it started on while the next one sees the new table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
+from typing import Any, Protocol
+
+from gateway.config import RouteConfig, StickyKey, Timeouts
+from gateway.metrics import BackendStats
+from gateway.state import BUCKETS, WEIGHT_SCALE, RouteState
+from gateway.upstream import Headers, Upstream
+
+
+def bucket_of(salt: bytes, key: str) -> int:
+    """Stable bucket 0..9,999 of a user key; the same on every process, host and restart."""
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8, key=salt)
+    return int.from_bytes(digest.digest(), "big") % BUCKETS
+
+
+def threshold(weight_percent: float) -> int:
+    """Buckets below this go to the canary: weight 10 → 1,000 of 10,000."""
+    return max(0, min(BUCKETS, round(weight_percent * WEIGHT_SCALE)))
+
+
+class Backend:
+    """A named version of the model; its URLs are balanced round-robin."""
+
+    __slots__ = ("name", "upstreams", "_next")
+
+    def __init__(self, name: str, upstreams: list[Upstream]) -> None:
+        self.name = name
+        self.upstreams = upstreams
+        self._next = 0
+
+    def upstream(self) -> Upstream:
+        ups = self.upstreams
+        if len(ups) == 1:
+            return ups[0]
+        self._next = i = (self._next + 1) % len(ups)
+        return ups[i]
+
+
+class Exchange:
+    """One finished request/response pair, handed to taps (shadow, probes) after the client
+    has its answer. Bodies are present only when a tap asked for them."""
+
+    __slots__ = (
+        "route", "backend", "request_id", "method", "target", "request_headers",
+        "request_body", "sticky_key", "status", "response_headers", "response_body",
+        "latency", "started",
+    )
+
+    def __init__(self) -> None:
+        self.request_body: bytes | None = None
+        self.response_body: bytes | None = None
+        self.response_headers: Headers = []
+        self.sticky_key: str | None = None
+
+
+class Tap(Protocol):
+    """Something that looks at finished exchanges; must return at once (queue, don't await)."""
+
+    needs_request_body: bool
+    needs_response_body: bool
+
+    def __call__(self, exchange: Exchange) -> None: ...
+
+
+TapFactory = Callable[["RouteConfig", RouteState], "Tap | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class StaticRoute:
+    """The parts of a route fixed by the config file: built once at start."""
+
+    config: RouteConfig
+    backends: dict[str, Backend]
+    stats: dict[str, BackendStats]
+    salt: bytes
+    shadow_salt: bytes
+
+
+class CompiledRoute:
+    """Everything the hot path needs for one route under one `RouteState`."""
+
+    __slots__ = (
+        "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
+        "shadow", "shadow_threshold", "sticky", "override_header", "timeouts", "max_body",
+        "taps", "needs_request_body", "needs_response_body", "live_stats", "canary_stats",
+    )
+
+    def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
+        cfg = static.config
+        self.name = cfg.name
+        self.prefix = cfg.path_prefix
+        self.host = cfg.host
+        self.static = static
+        self.state = state
+        self.live = static.backends[state.live]
+        self.live_stats = static.stats[state.live]
+        self.canary = static.backends[state.canary] if state.canary else None
+        self.canary_stats = static.stats[state.canary] if state.canary else None
+        self.canary_threshold = threshold(state.canary_weight) if self.canary else 0
+        self.shadow = static.backends[state.shadow] if state.shadow else None
+        self.shadow_threshold = threshold(state.shadow_sample) if self.shadow else 0
+        self.sticky = cfg.sticky
+        self.override_header = cfg.override_header
+        self.timeouts: Timeouts = cfg.timeouts
+        self.max_body = cfg.max_body_bytes
+        self.taps = taps
+        self.needs_request_body = any(t.needs_request_body for t in taps)
+        self.needs_response_body = any(t.needs_response_body for t in taps)
+
+    def matches(self, host: str | None, path: str) -> bool:
+        if self.host is not None and (host or "").split(":", 1)[0].lower() != self.host:
+            return False
+        prefix = self.prefix
+        if not path.startswith(prefix):
+            return False
+        return len(path) == len(prefix) or prefix.endswith("/") or path[len(prefix)] in "/?"
+
+    def pick(self, key: str | None, override: str | None = None) -> Backend:
+        """The backend for a request with user `key` (None: a random draw per request)."""
+        if override is not None:
+            forced = self.static.backends.get(override)
+            if forced is not None:
+                return forced
+        t = self.canary_threshold
+        if t == 0 or self.canary is None:
+            return self.live
+        if t >= BUCKETS:
+            return self.canary
+        b = bucket_of(self.static.salt, key) if key is not None else random.randrange(BUCKETS)
+        return self.canary if b < t else self.live
+
+    def mirrored(self, key: str | None) -> bool:
+        """Whether this request is copied to the shadow; sticky by user key like the split."""
+        t = self.shadow_threshold
+        if t == 0:
+            return False
+        if t >= BUCKETS:
+            return True
+        b = (bucket_of(self.static.shadow_salt, key) if key is not None
+             else random.randrange(BUCKETS))
+        return b < t
+
+    def backend_stats(self, backend: Backend) -> BackendStats:
+        return self.static.stats[backend.name]
+
+
+def sticky_key_of(sticky: StickyKey | None, headers: Any, query: Any) -> str | None:
+    """The user key from a request's headers (case-insensitive mapping) or query."""
+    if sticky is None:
+        return None
+    if sticky.source == "header":
+        value = headers.get(sticky.name)
+        return value if value else None
+    if sticky.source == "query":
+        value = query.get(sticky.name)
+        return value if value else None
+    raw = headers.get("cookie")
+    if not raw:
+        return None
+    cookie: SimpleCookie = SimpleCookie()
+    try:
+        cookie.load(raw)
+    except Exception:  # a malformed Cookie header is the client's problem: treat as no key
+        return None
+    morsel = cookie.get(sticky.name)
+    return morsel.value if morsel is not None and morsel.value else None
+
+
+class RoutingTable:
+    """An immutable set of compiled routes; longest prefix wins, host-specific first."""
+
+    __slots__ = ("routes", "by_name")
+
+    def __init__(self, routes: list[CompiledRoute]) -> None:
+        ordered = sorted(routes, key=lambda r: (r.host is None, -len(r.prefix)))
+        self.routes = tuple(ordered)
+        self.by_name = {r.name: r for r in ordered}
+
+    def match(self, host: str | None, path: str) -> CompiledRoute | None:
+        for route in self.routes:
+            if route.matches(host, path):
+                return route
+        return None
+
+    def replace(self, route: CompiledRoute) -> RoutingTable:
+        return RoutingTable([route if r.name == route.name else r for r in self.routes])

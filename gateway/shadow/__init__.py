@@ -1,0 +1,1 @@
+"""Shadow mode: mirror live requests to a candidate and compare the predictions."""

@@ -1,0 +1,68 @@
+"""A route's live routing state: the one thing operators and the controller change at run time.
+
+The config file gives each route's starting state; from then on the store holds the truth and
+every change is a compare-and-set on `version` plus an audit event.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+WEIGHT_SCALE = 100  # weight percent × 100 = buckets out of 10,000 (0.01% resolution)
+BUCKETS = 100 * WEIGHT_SCALE
+
+
+@dataclass(frozen=True, slots=True)
+class RouteState:
+    live: str
+    previous: str | None = None
+    canary: str | None = None
+    canary_weight: float = 0.0
+    shadow: str | None = None
+    shadow_sample: float = 0.0
+    version: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RouteState:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def evolve(self, **changes: Any) -> RouteState:
+        return replace(self, **changes)
+
+    def traffic(self) -> dict[str, float]:
+        """Share of traffic per backend, in percent."""
+        share = {self.live: 100.0}
+        if self.canary and self.canary_weight > 0:
+            share[self.canary] = self.canary_weight
+            share[self.live] = 100.0 - self.canary_weight
+        return share
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One audited state change: who did what, to which route, from what to what, and why."""
+
+    id: int
+    time: float
+    route: str | None
+    actor: str
+    action: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time)) + (
+            f".{int(self.time % 1 * 1000):03d}Z"
+        )
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Event:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

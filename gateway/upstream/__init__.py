@@ -1,0 +1,83 @@
+"""Calling a backend: the hot path's biggest cost, so it sits behind a two-method interface.
+
+An `Upstream` is a keep-alive connection pool to one origin (``http://host:port``). Any
+implementation must pass tests/test_upstream_contract.py. Errors before the response starts are
+raised as `UpstreamConnectError`, `UpstreamResetError` or `UpstreamTimeout`; errors while
+streaming the body surface from `iter_chunks()`/`read()` as `UpstreamError`.
+
+Headers are lists of (name, value) str pairs, in order, names as received.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Protocol
+
+from gateway.config import Timeouts
+
+Headers = list[tuple[str, str]]
+Body = bytes | AsyncIterable[bytes] | None
+
+# RFC 9110 §7.6.1 hop-by-hop headers, plus the de-facto ones proxies also drop.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
+    "te", "trailer", "transfer-encoding", "upgrade",
+})
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    reason: str
+    headers: Headers
+    content_length: int | None
+
+    async def read(self) -> bytes:
+        """The whole body (then the connection is reused)."""
+
+    def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive (for streams: SSE, chunked, large bodies)."""
+
+    def close(self) -> None:
+        """Abandon the response (its connection is dropped, not reused). Idempotent."""
+
+
+class Upstream(Protocol):
+    origin: str
+
+    async def send(
+        self,
+        method: str,
+        target: str,
+        headers: Headers,
+        body: Body,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse:
+        """Send a request (`target` is path + query) and return once the status line and
+        headers are in."""
+
+    async def close(self) -> None: ...
+
+
+def hop_by_hop(headers: Headers) -> frozenset[str]:
+    """Hop-by-hop names for this message: the fixed set plus any named in `Connection`."""
+    extra = [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    ]
+    return HOP_BY_HOP.union(extra) if extra else HOP_BY_HOP
+
+
+def make_upstream(origin: str, kind: str = "aiohttp") -> Upstream:
+    if kind == "fast":
+        from gateway.upstream.fastpool import FastUpstream
+
+        return FastUpstream(origin)
+    from gateway.upstream.aiohttp_client import AiohttpUpstream
+
+    return AiohttpUpstream(origin)
+
+
+__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamResponse", "hop_by_hop",
+           "make_upstream"]

@@ -1,0 +1,110 @@
+"""The simple `Upstream`: aiohttp's client with a keep-alive pool per origin."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import Timeouts
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
+from gateway.upstream import Body, Headers
+
+POOL_LIMIT = 512
+
+
+class AiohttpResponse:
+    __slots__ = ("_resp", "status", "reason", "headers", "content_length")
+
+    def __init__(self, resp: aiohttp.ClientResponse) -> None:
+        self._resp = resp
+        self.status = resp.status
+        self.reason = resp.reason or ""
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        self.content_length = resp.content_length
+
+    async def read(self) -> bytes:
+        try:
+            body = await self._resp.read()
+        except asyncio.TimeoutError as exc:
+            self._resp.close()
+            raise UpstreamTimeout("read timeout while reading the body") from exc
+        except aiohttp.ClientError as exc:
+            self._resp.close()
+            raise UpstreamResetError(f"body read failed: {exc}") from exc
+        self._resp.release()
+        return body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._resp.content.iter_any():
+                yield chunk
+        except asyncio.TimeoutError as exc:
+            self._resp.close()
+            raise UpstreamTimeout("read timeout while streaming") from exc
+        except aiohttp.ClientError as exc:
+            self._resp.close()
+            raise UpstreamResetError(f"stream failed: {exc}") from exc
+        self._resp.release()
+
+    def close(self) -> None:
+        self._resp.close()
+
+
+class AiohttpUpstream:
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=POOL_LIMIT, ttl_dns_cache=300, enable_cleanup_closed=False
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=(),
+            )
+        return self._session
+
+    async def send(
+        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts
+    ) -> AiohttpResponse:
+        timeout = self._timeouts.get(timeouts)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+            )
+            self._timeouts[timeouts] = timeout
+        try:
+            resp = await self._get_session().request(
+                method,
+                URL(self.origin + target, encoded=True),
+                headers=headers,
+                data=body,
+                timeout=timeout,
+                allow_redirects=False,
+                compress=None,
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(f"{self.origin}: timed out") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamConnectError(f"{self.origin}: {exc.strerror or exc}") from exc
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                aiohttp.ClientPayloadError) as exc:
+            raise UpstreamResetError(f"{self.origin}: {exc}") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise UpstreamResetError(f"{self.origin}: bad response: {exc.message}") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(f"{self.origin}: {exc}") from exc
+        return AiohttpResponse(resp)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
