@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelgate.admin")
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
+ACTOR_KEY = web.RequestKey("actor", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
@@ -65,7 +66,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/admin/"):
         gateway = request.app[GATEWAY_KEY]
-        request["actor"] = actor_for(request.headers.get("Authorization"), gateway.tokens)
+        request[ACTOR_KEY] = actor_for(request.headers.get("Authorization"), gateway.tokens)
     return await handler(request)
 
 
@@ -160,16 +161,16 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         backend = data.get("backend")
         if backend is not None and not isinstance(backend, str):
             raise InvalidRequest("backend: must be a string")
-        await _before_manual_change(gateway, name, request["actor"])
-        await control.set_canary(name, backend, data["weight"], actor=request["actor"],
+        await _before_manual_change(gateway, name, request[ACTOR_KEY])
+        await control.set_canary(name, backend, data["weight"], actor=request[ACTOR_KEY],
                                  reason=data.get("reason"))
         return json_response(route_view(gateway, name))
 
     async def delete_canary(request: web.Request) -> web.Response:
         name = request.match_info["route"]
         control.route_config(name)
-        await _before_manual_change(gateway, name, request["actor"])
-        await control.set_canary(name, None, 0, actor=request["actor"])
+        await _before_manual_change(gateway, name, request[ACTOR_KEY])
+        await control.set_canary(name, None, 0, actor=request[ACTOR_KEY])
         return json_response(route_view(gateway, name))
 
     async def switch(request: web.Request) -> web.Response:
@@ -180,9 +181,9 @@ def build_admin_app(gateway: Gateway) -> web.Application:
             raise InvalidRequest("to: must be a backend name")
         guard = getattr(_component(gateway, "rollout"), "guarded_switch", None)
         if guard is not None:
-            await guard(name, data, request["actor"])
+            await guard(name, data, request[ACTOR_KEY])
         else:
-            await control.switch(name, data["to"], actor=request["actor"],
+            await control.switch(name, data["to"], actor=request[ACTOR_KEY],
                                  reason=data.get("reason"))
         return json_response(route_view(gateway, name))
 
@@ -190,8 +191,8 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         name = request.match_info["route"]
         control.route_config(name)
         data = await read_json(request, {"reason"})
-        await _before_manual_change(gateway, name, request["actor"], stop=True)
-        await control.rollback(name, actor=request["actor"], reason=data.get("reason"))
+        await _before_manual_change(gateway, name, request[ACTOR_KEY], stop=True)
+        await control.rollback(name, actor=request[ACTOR_KEY], reason=data.get("reason"))
         return json_response(route_view(gateway, name))
 
     async def put_shadow(request: web.Request) -> web.Response:
@@ -201,13 +202,13 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         if not isinstance(data["backend"], str):
             raise InvalidRequest("backend: must be a backend name")
         await control.set_shadow(name, data["backend"], data.get("sample", 100),
-                                 actor=request["actor"], reason=data.get("reason"))
+                                 actor=request[ACTOR_KEY], reason=data.get("reason"))
         return json_response(route_view(gateway, name))
 
     async def delete_shadow(request: web.Request) -> web.Response:
         name = request.match_info["route"]
         control.route_config(name)
-        await control.set_shadow(name, None, 0, actor=request["actor"])
+        await control.set_shadow(name, None, 0, actor=request[ACTOR_KEY])
         return json_response(route_view(gateway, name))
 
     async def events(request: web.Request) -> web.Response:
