@@ -172,11 +172,11 @@ class Gateway:
             from gateway.admin.api import build_admin_app
 
             admin_app = build_admin_app(self)
-            runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
-            await runner.setup()
-            self._runners.append(runner)
+            admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
+            await admin_runner.setup()
+            self._runners.append(admin_runner)
             host, port = self.config.admin.listen
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(admin_runner, host, port, reuse_address=True)
             await site.start()
             self.admin_address = _bound(site, host, port)
         # Start-up garbage lives forever: keep the collector from rescanning it under load.
@@ -211,8 +211,8 @@ class Gateway:
 
 
 def _bound(site: web.TCPSite, host: str, port: int) -> tuple[str, int]:
-    server = site._server  # noqa: SLF001 - the only way to learn the port chosen for port 0
-    if server is not None and getattr(server, "sockets", None):
-        sock = server.sockets[0]
-        return host, int(sock.getsockname()[1])
+    server: Any = site._server  # the only way to learn the port chosen for port 0
+    sockets = getattr(server, "sockets", None)
+    if sockets:
+        return host, int(sockets[0].getsockname()[1])
     return host, port

@@ -240,6 +240,8 @@ def _parse_route(node: Node) -> RouteConfig:
         if canary == live:
             raise ConfigError(canary_node.key_path("backend"), "canary must differ from live")
         weight = canary_node.number("weight", 0.0, lo=0, hi=100)
+        if abs(weight * 100 - round(weight * 100)) > 1e-6:  # same rule as the admin API
+            raise ConfigError(canary_node.key_path("weight"), f"resolution is 0.01, got {weight!r}")
         canary_node.done()
 
     sticky: StickyKey | None = None
@@ -255,9 +257,10 @@ def _parse_route(node: Node) -> RouteConfig:
     timeouts_node = node.child("timeouts", None)
     timeouts = Timeouts()
     if timeouts_node is not None:
+        # Defaults from an instance: on a slots dataclass `Timeouts.read` is a descriptor.
         timeouts = Timeouts(
-            connect=timeouts_node.duration("connect", Timeouts.connect),
-            read=timeouts_node.duration("read", Timeouts.read),
+            connect=timeouts_node.duration("connect", timeouts.connect),
+            read=timeouts_node.duration("read", timeouts.read),
         )
         timeouts_node.done()
         for key, value in (("connect", timeouts.connect), ("read", timeouts.read)):
@@ -292,8 +295,6 @@ def _parse_route(node: Node) -> RouteConfig:
 
 
 def _name_ok(name: str) -> bool:
-    from gateway.schema import NAME_RE
-
     return bool(NAME_RE.match(name))
 
 

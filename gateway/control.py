@@ -233,7 +233,9 @@ class ControlPlane:
 def check_backend(route: RouteConfig, backend: Any, field: str) -> None:
     if not isinstance(backend, str) or backend not in route.backends:
         known = ", ".join(sorted(route.backends))
-        raise InvalidRequest(f"{field}: unknown backend {backend!r} (route {route.name!r} has {known})")
+        raise InvalidRequest(
+            f"{field}: unknown backend {backend!r} (route {route.name!r} has {known})"
+        )
 
 
 def check_weight(value: Any, field: str) -> None:

@@ -101,7 +101,8 @@ class BackendStats:
 
     __slots__ = (
         "route", "backend", "clock", "status_totals", "hist_totals", "latency_sum_total",
-        "error_totals", "counter_totals", "_slots", "_current",
+        "error_totals", "counter_totals", "upstream_hist_totals", "upstream_sum_total",
+        "_slots", "_current",
     )
 
     def __init__(self, route: str, backend: str, clock: Callable[[], float] = time.time) -> None:
@@ -113,6 +114,9 @@ class BackendStats:
         self.latency_sum_total = 0.0
         self.error_totals = dict.fromkeys(ERROR_KINDS, 0)
         self.counter_totals: dict[str, float] = {}
+        # Time to the backend's response headers (cumulative only: Prometheus, not windows).
+        self.upstream_hist_totals = [0] * N_BUCKETS
+        self.upstream_sum_total = 0.0
         self._slots: list[Slot | None] = [None] * WINDOW_SLOTS
         self._current = Slot(-1)
 
@@ -142,11 +146,24 @@ class BackendStats:
     def upstream_error(self, kind: str) -> None:
         self.error_totals[kind] = self.error_totals.get(kind, 0) + 1
 
+    def upstream_time(self, seconds: float) -> None:
+        """Time from sending to the backend until its response headers arrived."""
+        self.upstream_hist_totals[bisect.bisect_left(FINE_BOUNDS, seconds)] += 1
+        self.upstream_sum_total += seconds
+
     def add(self, name: str, value: float = 1.0) -> None:
         """A named counter (probes: ``output_null``, ``input_missing``, ``label:setosa``...)."""
         counters = self._slot().counters
         counters[name] = counters.get(name, 0.0) + value
         self.counter_totals[name] = self.counter_totals.get(name, 0.0) + value
+
+    def add_many(self, items: Iterable[tuple[str, float]]) -> None:
+        """Several named counters at once (one probe run): the slot is looked up once."""
+        counters = self._slot().counters
+        totals = self.counter_totals
+        for name, value in items:
+            counters[name] = counters.get(name, 0.0) + value
+            totals[name] = totals.get(name, 0.0) + value
 
     def slots(self, seconds: float, now: float | None = None) -> Iterator[Slot]:
         """Slots of the last `seconds` (the current, partial second included)."""
@@ -216,6 +233,37 @@ class Recorder:
         self.gauges[name] = collect
 
 
+def prom_buckets(fine: list[int]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets (PROM_BOUNDS and +Inf) from a fine histogram."""
+    cumulative = 0
+    buckets: list[tuple[str, float]] = []
+    prev = 0
+    for bound, idx in zip(PROM_BOUNDS, _PROM_INDEX, strict=True):
+        cumulative += sum(fine[prev : idx + 1])
+        prev = idx + 1
+        buckets.append((f"{bound:g}", cumulative))
+    buckets.append(("+Inf", sum(fine)))
+    return buckets
+
+
+# Probe counters (BackendStats.add names) exposed as Prometheus counters by route and backend.
+# Alert rules are written against these names: keep them stable.
+PROBE_COUNTERS = (
+    ("input_total", "modelgate_input_requests", "Requests whose input was probed."),
+    ("input_values", "modelgate_input_values", "Input values checked for being missing."),
+    ("input_missing", "modelgate_input_missing_values",
+     "Input values that were null, NaN or absent."),
+    ("input_schema_errors", "modelgate_input_schema_errors",
+     "Probed requests whose body was not JSON or lacked a required path."),
+    ("output_total", "modelgate_output_responses", "Successful responses whose output was probed."),
+    ("output_null", "modelgate_output_null",
+     "Probed responses whose prediction was null, empty or absent."),
+    ("output_error", "modelgate_output_error_bodies",
+     "Probed responses that carried an error (status >= 400 or an error field)."),
+)
+LABEL_PREFIX = "label:"
+
+
 class _Collector:
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -228,12 +276,25 @@ class _Collector:
         )
         duration = HistogramMetricFamily(
             "modelgate_request_duration_seconds",
-            "Time from request received to response headers sent (gateway total).",
+            "Time from request received to response sent (gateway total).",
+            labels=["route", "backend"],
+        )
+        upstream = HistogramMetricFamily(
+            "modelgate_upstream_duration_seconds",
+            "Time from sending to the backend until its response headers arrived.",
             labels=["route", "backend"],
         )
         errors = CounterMetricFamily(
             "modelgate_upstream_errors", "Backend calls that failed, by kind.",
             labels=["route", "backend", "kind"],
+        )
+        probes = [
+            (key, CounterMetricFamily(name, doc, labels=["route", "backend"]))
+            for key, name, doc in PROBE_COUNTERS
+        ]
+        labels_family = CounterMetricFamily(
+            "modelgate_output_labels", "Predicted labels seen by the output probes.",
+            labels=["route", "backend", "label"],
         )
         for stats in rec.all_stats():
             labels = [stats.route, stats.backend]
@@ -241,19 +302,20 @@ class _Collector:
                 n = stats.status_totals[cls]
                 if n:
                     requests.add_metric([*labels, label], n)
-            cumulative = 0
-            buckets: list[tuple[str, float]] = []
-            fine = stats.hist_totals
-            prev = 0
-            for bound, idx in zip(PROM_BOUNDS, _PROM_INDEX, strict=True):
-                cumulative += sum(fine[prev : idx + 1])
-                prev = idx + 1
-                buckets.append((f"{bound:g}", cumulative))
-            total = sum(fine)
-            buckets.append(("+Inf", total))
-            duration.add_metric(labels, buckets, stats.latency_sum_total)
+            duration.add_metric(labels, prom_buckets(stats.hist_totals), stats.latency_sum_total)
+            if any(stats.upstream_hist_totals):
+                upstream.add_metric(labels, prom_buckets(stats.upstream_hist_totals),
+                                    stats.upstream_sum_total)
             for kind, n in stats.error_totals.items():
                 errors.add_metric([*labels, kind], n)
+            totals = stats.counter_totals
+            if totals:
+                for key, family in probes:
+                    if key in totals:
+                        family.add_metric(labels, totals[key])
+                for key, value in list(totals.items()):
+                    if key.startswith(LABEL_PREFIX):
+                        labels_family.add_metric([*labels, key[len(LABEL_PREFIX):]], value)
         in_flight = GaugeMetricFamily(
             "modelgate_in_flight_requests", "Requests being proxied now.", labels=["route"]
         )
@@ -261,7 +323,11 @@ class _Collector:
             in_flight.add_metric([route], n)
         yield requests
         yield duration
+        yield upstream
         yield errors
         yield in_flight
+        for _, family in probes:
+            yield family
+        yield labels_family
         for collect in list(rec.gauges.values()):
             yield from collect()

@@ -34,6 +34,9 @@ READ_CHUNK = 64 * 1024
 REQUEST_ID = "X-Request-ID"
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _NO_BODY_STATUS = frozenset({204, 304})
+# Ours to set (host, framing) or already answered here (expect: see Proxy.handle).
+_NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 class BodyTooLarge(Exception):
@@ -90,6 +93,12 @@ class Proxy:
         exchange: Exchange | None = None
         try:
             forward = self._forward_headers(request, request_id)
+            expect = headers_in.get("Expect")
+            if expect is not None and request.body_exists and expect.lower() == "100-continue":
+                # The client holds its body back until it sees this (curl waits 1 s for it);
+                # the low-level server does not send it for us the way web.Application does.
+                await request.writer.write(_CONTINUE)
+                request.writer.output_size = 0
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
             if not request.body_exists:
@@ -108,12 +117,14 @@ class Proxy:
                 body = _stream_body(request, route.max_body, too_large)
 
             upstream = backend.upstream()
+            sent = time.perf_counter()
             try:
                 resp = await upstream.send(
                     request.method, request.raw_path, forward, body, route.timeouts
                 )
-            except UpstreamError as exc:
-                if too_large:
+            except (UpstreamError, BodyTooLarge) as exc:
+                # An upstream may let our own body iterator's BodyTooLarge through untranslated.
+                if too_large or not isinstance(exc, UpstreamError):
                     status = 413
                     return json_error(413, "body_too_large",
                                       f"request body over the route's limit of "
@@ -125,6 +136,7 @@ class Proxy:
                 return json_error(status, code, f"backend {backend.name!r}: {exc.kind}",
                                   request_id, route=route.name, backend=backend.name)
 
+            stats.upstream_time(time.perf_counter() - sent)
             status = resp.status
             if route.taps:
                 exchange = Exchange()
@@ -176,10 +188,10 @@ class Proxy:
         has_proto = has_host = has_id = False
         for name, value in raw.items():
             lower = name.lower()
-            if lower in drop or lower == "host" or lower == "content-length":
+            if lower in drop or lower in _NOT_FORWARDED:
                 continue
-            if lower == "x-forwarded-for":
-                forwarded_for = value
+            if lower == "x-forwarded-for":  # several lines are one list: keep them all
+                forwarded_for = f"{forwarded_for}, {value}" if forwarded_for else value
                 continue
             if lower == "x-forwarded-proto":
                 has_proto = True
@@ -187,6 +199,7 @@ class Proxy:
                 has_host = True
             elif lower == "x-request-id":
                 has_id = True
+                value = request_id  # the one the client gets back (an empty one was replaced)
             out.append((name, value))
         peer = request.remote or "unknown"
         out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
@@ -230,10 +243,8 @@ class Proxy:
             resp.close() if request.method == "HEAD" else await resp.read()
             if resp.content_length is not None and request.method == "HEAD":
                 headers["Content-Length"] = str(resp.content_length)
-            response = web.Response(status=resp.status, reason=resp.reason, headers=headers)
-            if request.method == "HEAD":
-                response.content_length = resp.content_length
-            return response
+            # The Content-Length header set above is kept (aiohttp refuses the attribute).
+            return web.Response(status=resp.status, reason=resp.reason, headers=headers)
         length = resp.content_length
         streaming = length is None or length > BUFFER_RESPONSE_UP_TO
         if not streaming:

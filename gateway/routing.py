@@ -59,6 +59,15 @@ class Exchange:
         "request_body", "sticky_key", "status", "response_headers", "response_body",
         "latency", "started",
     )
+    route: str
+    backend: str
+    request_id: str
+    method: str
+    target: str
+    request_headers: Headers
+    status: int
+    latency: float
+    started: float
 
     def __init__(self) -> None:
         self.request_body: bytes | None = None

@@ -8,6 +8,7 @@ their own sections with the same `Node`.
 
 from __future__ import annotations
 
+import builtins
 import math
 import re
 from collections.abc import Iterator
@@ -130,20 +131,20 @@ class Node:
             raise ConfigError(self.key_path(key), f"expected a non-empty string, got {value!r}")
         return value
 
-    def name(self, key: str, default: Any = _MISSING) -> Any:
+    def name(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.str(key, default)
         if value is not default and not NAME_RE.match(value):
             raise ConfigError(self.key_path(key), f"not a valid name: {value!r}")
         return value
 
-    def bool(self, key: str, default: Any = _MISSING) -> Any:
+    def bool(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if not isinstance(value, bool):
             raise ConfigError(self.key_path(key), f"expected true or false, got {value!r}")
         return value
 
     def number(
-        self, key: str, default: Any = _MISSING, *, lo: float | None = None,
+        self, key: builtins.str, default: Any = _MISSING, *, lo: float | None = None,
         hi: float | None = None,
     ) -> Any:
         value = self.raw(key, default)
@@ -154,10 +155,11 @@ class Node:
         ):
             raise ConfigError(self.key_path(key), f"expected a number, got {value!r}")
         if lo is not None and value < lo or hi is not None and value > hi:
-            raise ConfigError(self.key_path(key), f"must be between {lo:g} and {hi:g}, got {value!r}")
+            raise ConfigError(self.key_path(key),
+                              f"must be between {lo:g} and {hi:g}, got {value!r}")
         return float(value)
 
-    def int(self, key: str, default: Any = _MISSING, *, lo: int | None = None,
+    def int(self, key: builtins.str, default: Any = _MISSING, *, lo: int | None = None,
             hi: int | None = None) -> Any:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
@@ -168,25 +170,25 @@ class Node:
             raise ConfigError(self.key_path(key), f"must be between {lo} and {hi}, got {value!r}")
         return value
 
-    def duration(self, key: str, default: Any = _MISSING) -> Any:
+    def duration(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
         return parse_duration(value, self.key_path(key))
 
-    def size(self, key: str, default: Any = _MISSING) -> Any:
+    def size(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
         return parse_size(value, self.key_path(key))
 
-    def child(self, key: str, default: Any = _MISSING) -> Any:
+    def child(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
         return Node(value, self.key_path(key))
 
-    def list(self, key: str, default: Any = _MISSING) -> Any:
+    def list(self, key: builtins.str, default: Any = _MISSING) -> Any:
         value = self.raw(key, default)
         if value is default and default is not _MISSING:
             return value
@@ -194,7 +196,7 @@ class Node:
             raise ConfigError(self.key_path(key), f"expected a list, got {type_name(value)}")
         return value
 
-    def items(self, key: str) -> Iterator[tuple[str, Any, str]]:
+    def items(self, key: builtins.str) -> Iterator[tuple[builtins.str, Any, builtins.str]]:
         """(name, value, path) for each entry of a mapping-valued key."""
         value = self.raw(key, {})
         if not isinstance(value, dict):

@@ -17,7 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gateway import __version__
 from gateway.admin.auth import actor_for
+from gateway.admin.dashboard import add_dashboard_routes
 from gateway.admin.openapi import openapi_document
+from gateway.control import check_backend, check_weight
 from gateway.errors import AdminError, InvalidRequest, ModelgateError
 from gateway.state import RouteState
 
@@ -70,8 +72,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     return await handler(request)
 
 
-async def read_json(request: web.Request, allowed: set[str], required: set[str] = frozenset()
-                    ) -> dict[str, Any]:  # type: ignore[assignment]
+async def read_json(request: web.Request, allowed: set[str],
+                    required: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
     """The request's JSON object; unknown or missing keys are a 400."""
     raw = await request.read()
     if not raw.strip():
@@ -85,7 +87,9 @@ async def read_json(request: web.Request, allowed: set[str], required: set[str] 
         raise InvalidRequest("body must be a JSON object")
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise InvalidRequest(f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+        raise InvalidRequest(
+            f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})"
+        )
     missing = sorted(required - set(data))
     if missing:
         raise InvalidRequest(f"missing field {missing[0]!r}")
@@ -161,6 +165,12 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         backend = data.get("backend")
         if backend is not None and not isinstance(backend, str):
             raise InvalidRequest("backend: must be a string")
+        # Refuse bad input before the hook: a refused call must not pause a rollout either.
+        check_weight(data["weight"], "weight")
+        if backend is not None:
+            check_backend(control.route_config(name), backend, "backend")
+            if backend == control.state(name).live:
+                raise InvalidRequest(f"backend {backend!r} is already live; pick another")
         await _before_manual_change(gateway, name, request[ACTOR_KEY])
         await control.set_canary(name, backend, data["weight"], actor=request[ACTOR_KEY],
                                  reason=data.get("reason"))
@@ -242,6 +252,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/admin/events", events)
     for comp in gateway.components:
         comp.add_admin_routes(app)
+    add_dashboard_routes(app, gateway)
     return app
 
 

@@ -47,7 +47,7 @@ def read_token_file(admin_port: int) -> str | None:
 
 def actor_for(header: str | None, tokens: dict[str, str]) -> str:
     """The token's name for a valid ``Authorization: Bearer …`` header, else `Unauthorized`."""
-    if not header or not header.startswith("Bearer "):
+    if not header or header[:7].lower() != "bearer ":  # the scheme is case-insensitive
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
     given = header[7:].strip().encode()
     found = None

@@ -1,33 +1,657 @@
-"""The monitoring component (stub: filled in by its issue)."""
+"""The monitoring component: probes tap, drift, alarms, loop-lag monitor, extra metrics.
+
+Hot path: a route with a ``probes:`` section gets one `RouteProbes` tap (built once, reused
+across routing-state changes); a route without gets no tap and pays nothing. Everything else
+runs off the hot path: an evaluation task every `interval` seconds judges the alarm rules over
+the per-backend windows (and takes the automatic drift baselines), a second task measures
+event-loop lag, and the Prometheus families are computed at scrape time.
+
+Run-time alarm thresholds live in the store (``alarm/<name>``, compare-and-set) so every
+replica applies the same one; each change is an audit event.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+import math
+from collections import deque
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway.config import RouteConfig
+from gateway.errors import ConfigError, Conflict, InvalidRequest, NotFound, VersionConflict
+from gateway.metrics import WindowSummary
+from gateway.monitoring.alarms import (
+    FIRING,
+    AlarmStatus,
+    advance,
+    breaches,
+    metric_value,
+    worst,
+)
+from gateway.monitoring.drift import FEATURE, LABEL, SCORE, Baseline, compare, families
+from gateway.monitoring.probes import RouteProbes
 from gateway.routing import Tap
+from gateway.schema import format_duration, parse_duration
 from gateway.state import RouteState
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.metrics import Recorder
+
+log = logging.getLogger("modelgate.monitoring")
+ALARM_KEY = "alarm/"
+CAS_ATTEMPTS = 20
+LAG_HISTORY = 120  # samples kept for the recent maximum (a minute at the default interval)
+MAX_WINDOW = 900.0
+
+
+class _Windows:
+    """Window summaries computed at most once per (route, backend, seconds) in one tick."""
+
+    __slots__ = ("recorder", "now", "_cache")
+
+    def __init__(self, recorder: Recorder, now: float) -> None:
+        self.recorder = recorder
+        self.now = now
+        self._cache: dict[tuple[str, str, float], WindowSummary] = {}
+
+    def get(self, route: str, backend: str, seconds: float) -> WindowSummary:
+        key = (route, backend, seconds)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = self.recorder.stats(route, backend).window(
+                seconds, self.now
+            )
+        return found
 
 
 class Monitoring:
     name = "monitoring"
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, interval: float = 1.0,
+                 lag_interval: float = 0.5) -> None:
         self.gateway = gateway
+        self.recorder = gateway.recorder
+        self.clock = gateway.clock
+        self.interval = interval
+        self.lag_interval = lag_interval
+        now = self.clock()
+        self._started = now
+        self._probes: dict[str, RouteProbes] = {}
+        self._alarms: dict[str, AlarmStatus] = {
+            rule.name: AlarmStatus(rule, rule.threshold, since=now)
+            for rule in gateway.config.alarms
+        }
+        self._baselines: dict[str, Baseline] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.loop_lag = 0.0
+        self._lag_recent: deque[float] = deque(maxlen=LAG_HISTORY)
+        self.recorder.add_collector("monitoring", self._collect)
+        gateway.store.watch(self._on_store_change)
 
+    # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        return None
+        self._started = self.clock()
+        for key, (doc, _version) in (await self.gateway.store.read_all(ALARM_KEY)).items():
+            self._on_store_change(key, doc, 0)
+        self._tasks = [
+            asyncio.create_task(self._evaluate_loop(), name="modelgate-monitoring-alarms"),
+            asyncio.create_task(self._lag_loop(), name="modelgate-monitoring-loop-lag"),
+        ]
 
     async def stop(self) -> None:
-        return None
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # we are being cancelled ourselves: let it through
 
+    async def _evaluate_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("alarm evaluation failed", extra={"event": "alarm_error"})
+
+    async def _lag_loop(self) -> None:
+        """How late the loop wakes a sleeper: the delay every request sees on top of its own."""
+        loop = asyncio.get_running_loop()
+        interval = self.lag_interval
+        while True:
+            started = loop.time()
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - started - interval)
+            self.loop_lag = lag
+            self._lag_recent.append(lag)
+
+    @property
+    def loop_lag_max(self) -> float:
+        return max(self._lag_recent, default=0.0)
+
+    # -- the tap -------------------------------------------------------------------------------
     def tap(self, route: RouteConfig, state: RouteState) -> Tap | None:
-        return None
+        return self._route_probes(route)
 
+    def _route_probes(self, route: RouteConfig) -> RouteProbes | None:
+        if route.probes is None:
+            return None
+        found = self._probes.get(route.name)
+        if found is None:
+            found = self._probes[route.name] = RouteProbes(route, route.probes, self.recorder)
+        return found
+
+    def probes(self, route: str) -> RouteProbes | None:
+        """The route's probes (None if it has none); `NotFound` for an unknown route."""
+        return self._route_probes(self.gateway.control.route_config(route))
+
+    # -- alarms --------------------------------------------------------------------------------
+    async def tick(self, now: float | None = None) -> None:
+        """One evaluation: automatic baselines, then every alarm rule."""
+        now = self.clock() if now is None else now
+        self._auto_baselines(now)
+        windows = _Windows(self.recorder, now)
+        for status in list(self._alarms.values()):
+            before = status.state
+            change = self._evaluate(status, windows, now)
+            if change is not None:
+                await self._announce(status, change, before)
+
+    def _evaluate(self, status: AlarmStatus, windows: _Windows, now: float) -> str | None:
+        rule = status.rule
+        state = self.gateway.control.states().get(rule.route)
+        if state is None:
+            return None
+        candidates: list[tuple[str, float | None, float]] = []
+        for backend in self._backends(rule.backend, rule.route, state):
+            if rule.metric.startswith("psi_"):
+                value, samples = self._psi_metric(rule.route, backend, rule.metric,
+                                                  rule.against, rule.window, windows, state)
+            else:
+                value, samples = metric_value(rule.metric,
+                                              windows.get(rule.route, backend, rule.window))
+            if rule.metric != "rps" and samples < rule.min_samples:
+                value = None
+            candidates.append((backend, None if value is None else round(value, 6), samples))
+        status.backend, status.value, status.samples = worst(rule.op, candidates)
+        return advance(status, breaches(rule.op, status.value, status.threshold), now)
+
+    def _backends(self, selector: str, route: str, state: RouteState) -> list[str]:
+        if selector == "live":
+            return [state.live]
+        if selector == "canary":
+            return [state.canary] if state.canary else []
+        if selector == "any":
+            return list(self.gateway.control.route_config(route).backends)
+        return [selector]
+
+    async def _announce(self, status: AlarmStatus, change: str, before: str) -> None:
+        rule = status.rule
+        value = "no data" if status.value is None else f"{status.value:.6g}"
+        on = f" on {status.backend}" if status.backend else ""
+        window = format_duration(rule.window)
+        if change == "firing":
+            reason = (f"{rule.name}: {rule.metric}{on} = {value} {rule.op} "
+                      f"{status.threshold:g} over {window}")
+        else:
+            reason = (f"{rule.name}: {rule.metric}{on} = {value}, no longer {rule.op} "
+                      f"{status.threshold:g} over {window}")
+        action = "alarm_firing" if change == "firing" else "alarm_resolved"
+        log.log(logging.WARNING if change == "firing" else logging.INFO, reason,
+                extra={"event": action, "route": rule.route, "backend": status.backend,
+                       "alarm": rule.name, "value": status.value})
+        await self.gateway.control.record(
+            rule.route, "monitoring", action,
+            {"alarm": rule.name, "state": before},
+            {"alarm": rule.name, "state": status.state, "metric": rule.metric,
+             "backend": status.backend, "value": status.value,
+             "threshold": status.threshold, "window": rule.window},
+            reason,
+        )
+
+    def firing_alarms(self, route: str) -> list[str]:
+        """Names of the alarms firing for `route` now (a rollout gate may refuse on these)."""
+        return [s.rule.name for s in self._alarms.values()
+                if s.rule.route == route and s.state == FIRING]
+
+    def alarms_view(self) -> list[dict[str, Any]]:
+        """Every rule with its threshold, state, last value and since when (dashboard, CLI)."""
+        return [s.to_json() for s in self._alarms.values()]
+
+    def _alarm(self, name: str) -> AlarmStatus:
+        found = self._alarms.get(name)
+        if found is None:
+            known = ", ".join(sorted(self._alarms)) or "none configured"
+            raise NotFound(f"no alarm named {name!r} ({known})")
+        return found
+
+    async def set_threshold(self, name: str, threshold: float | None, *, actor: str,
+                            reason: str | None = None) -> AlarmStatus:
+        """Change an alarm's threshold at run time (None: back to the config's value)."""
+        status = self._alarm(name)
+        if threshold is not None and (
+            isinstance(threshold, bool) or not isinstance(threshold, int | float)
+            or not math.isfinite(threshold)
+        ):
+            raise InvalidRequest(f"threshold: must be a finite number or null, got {threshold!r}")
+        store = self.gateway.store
+        key = ALARM_KEY + name
+        before = status.threshold
+        for _ in range(CAS_ATTEMPTS):
+            found = await store.read(key)
+            try:
+                if threshold is None:
+                    if found is not None:
+                        await store.delete(key)
+                else:
+                    await store.write(key, {"threshold": float(threshold)},
+                                      found[1] if found else 0)
+                break
+            except VersionConflict:
+                await asyncio.sleep(0)
+        else:
+            raise Conflict(f"alarm {name!r} threshold is changing too fast; try again")
+        self._apply_threshold(name, None if threshold is None else float(threshold))
+        await self.gateway.control.record(
+            status.rule.route, actor, "alarm_threshold",
+            {"alarm": name, "threshold": before},
+            {"alarm": name, "threshold": status.threshold}, reason,
+        )
+        return status
+
+    def _on_store_change(self, key: str, doc: dict[str, Any] | None, version: int) -> None:
+        if not key.startswith(ALARM_KEY):
+            return
+        value = doc.get("threshold") if doc is not None else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+            log.warning("ignoring bad stored threshold for %s: %r", key, value)
+            return
+        self._apply_threshold(key[len(ALARM_KEY):], None if value is None else float(value))
+
+    def _apply_threshold(self, name: str, threshold: float | None) -> None:
+        status = self._alarms.get(name)
+        if status is not None:
+            status.threshold = status.rule.threshold if threshold is None else threshold
+
+    # -- drift ---------------------------------------------------------------------------------
+    def _feature_names(self, route: str) -> tuple[str, ...]:
+        probes = self.probes(route)
+        return probes.feature_names if probes is not None else ()
+
+    def _psi_values(self, route: str, backend: str, against: str, window: float,
+                    windows: _Windows, state: RouteState) -> dict[str, float | None]:
+        """PSI per family (labels, scores, feature:<name>) of `backend`'s last `window`."""
+        probes = self.probes(route)
+        if probes is None:
+            return {}
+        min_samples = probes.config.drift.min_samples
+        features = probes.feature_names
+        current = families(windows.get(route, backend, window).counters, features)
+        out: dict[str, float | None] = {}
+        if against == "live":
+            if backend == state.live:
+                return dict.fromkeys(current)
+            reference = families(windows.get(route, state.live, window).counters, features)
+            for fam, counts in current.items():
+                out[fam] = compare(reference[fam], counts, min_samples)
+            return out
+        baseline = self._baselines.get(route)
+        for fam, counts in current.items():
+            ref = baseline.reference(backend, fam, min_samples) if baseline else None
+            out[fam] = compare(ref, counts, min_samples) if ref is not None else None
+        return out
+
+    def _psi_metric(self, route: str, backend: str, metric: str, against: str, window: float,
+                    windows: _Windows, state: RouteState) -> tuple[float | None, float]:
+        values = self._psi_values(route, backend, against, window, windows, state)
+        counters = windows.get(route, backend, window).counters
+        if metric == "psi_labels":
+            return values.get("labels"), _total(counters, LABEL)
+        if metric == "psi_scores":
+            return values.get("scores"), _total(counters, SCORE)
+        found = [v for k, v in values.items() if k.startswith(FEATURE) and v is not None]
+        return (max(found) if found else None), _total(counters, FEATURE)
+
+    def _auto_baselines(self, now: float) -> None:
+        for route in self.gateway.config.routes:
+            probes = self._route_probes(route)
+            if probes is None or route.name in self._baselines:
+                continue
+            period = probes.config.drift.baseline
+            if period <= 0 or now - self._started < period:
+                continue
+            baseline = self._snapshot(route.name, period, "auto", now)
+            if _enough(baseline, probes.config.drift.min_samples):
+                self._baselines[route.name] = baseline
+                log.info("drift baseline for route %s taken", route.name,
+                         extra={"event": "drift_baseline", "route": route.name})
+
+    def _snapshot(self, route: str, window: float, source: str, now: float) -> Baseline:
+        state = self.gateway.control.state(route)
+        windows = _Windows(self.recorder, now)
+        features = self._feature_names(route)
+        baseline = Baseline(taken_at=now, source=source, window=window, live=state.live)
+        for backend in self.gateway.control.route_config(route).backends:
+            fams = families(windows.get(route, backend, window).counters, features)
+            fams = {k: v for k, v in fams.items() if v}
+            if fams:
+                baseline.counts[backend] = fams
+        return baseline
+
+    async def take_baseline(self, route: str, window: float, *, actor: str,
+                            reason: str | None = None) -> Baseline:
+        """Freeze the last `window` of each backend's distributions as the drift reference."""
+        probes = self.probes(route)
+        if probes is None:
+            raise Conflict(f"route {route!r} has no probes: nothing to take a baseline of")
+        baseline = self._snapshot(route, window, actor, self.clock())
+        if not baseline.counts:
+            raise Conflict(f"no probed traffic on route {route!r} in the last "
+                           f"{format_duration(window)}: nothing to take a baseline of")
+        before = self._baselines.get(route)
+        self._baselines[route] = baseline
+        await self.gateway.control.record(
+            route, actor, "drift_baseline", before.to_json() if before else None,
+            baseline.to_json(), reason,
+        )
+        return baseline
+
+    def drift(self, route: str, window: float | None = None) -> dict[str, Any]:
+        """PSI per backend against the live backend and against the baseline, per family."""
+        probes = self.probes(route)
+        state = self.gateway.control.state(route)
+        if probes is None:
+            return {"route": route, "probes": False, "live": state.live, "window": window,
+                    "baseline": None, "backends": {}}
+        window = probes.config.drift.window if window is None else window
+        windows = _Windows(self.recorder, self.clock())
+        features = probes.feature_names
+        baseline = self._baselines.get(route)
+        backends: dict[str, Any] = {}
+        for backend in self.gateway.control.route_config(route).backends:
+            current = families(windows.get(route, backend, window).counters, features)
+            vs_live = self._psi_values(route, backend, "live", window, windows, state)
+            vs_base = self._psi_values(route, backend, "baseline", window, windows, state)
+            labels = current["labels"]
+            n_labels = sum(labels.values())
+            backends[backend] = {
+                "live": backend == state.live,
+                "samples": {k: sum(v.values()) for k, v in current.items()},
+                "labels": {k: round(v / n_labels, 6) for k, v in sorted(labels.items())}
+                if n_labels else {},
+                "vs_live": None if backend == state.live else _grouped(vs_live),
+                "vs_baseline": _grouped(vs_base),
+            }
+        return {
+            "route": route, "probes": True, "live": state.live, "window": window,
+            "min_samples": probes.config.drift.min_samples,
+            "baseline": baseline.to_json() if baseline else None,
+            "backends": backends,
+        }
+
+    # -- probe summaries -----------------------------------------------------------------------
+    def probe_summary(self, route: str, window: float = 60.0) -> dict[str, Any]:
+        """Per backend over the last `window`: the rates the probes measure."""
+        probes = self.probes(route)
+        now = self.clock()
+        out: dict[str, Any] = {}
+        for backend in self.gateway.control.route_config(route).backends:
+            w = self.recorder.stats(route, backend).window(window, now)
+            c = w.counters
+            row: dict[str, Any] = {"requests": w.requests, "error_rate": _r(w.error_rate)}
+            if probes is not None:
+                for metric in ("null_rate", "missing_rate", "schema_error_rate",
+                               "error_body_rate"):
+                    row[metric] = _r(metric_value(metric, w)[0])
+                n_in = c.get("input_total", 0.0)
+                row["input_probed"] = n_in
+                row["output_probed"] = c.get("output_total", 0.0)
+                row["mean_input_length"] = _r(c.get("input_length_sum", 0.0) / n_in
+                                              if n_in else None)
+                row["mean_request_bytes"] = _r(c.get("request_bytes_sum", 0.0) / n_in
+                                               if n_in else None)
+            out[backend] = row
+        return {"route": route, "window": window, "probes": probes is not None,
+                "backends": out}
+
+    def describe_route(self, name: str) -> dict[str, Any]:
+        alarms = [{"name": s.rule.name, "state": s.state} for s in self._alarms.values()
+                  if s.rule.route == name]
+        probes = self.probes(name)
+        return {"monitoring": {
+            "probes": None if probes is None else {
+                "sample": probes.sample, "input": probes.input is not None,
+                "output": probes.output is not None, "features": list(probes.feature_names),
+            },
+            "alarms": alarms,
+            "firing": self.firing_alarms(name),
+        }}
+
+    # -- Prometheus ----------------------------------------------------------------------------
+    def _collect(self) -> Iterator[Metric]:
+        control = self.gateway.control
+        weight = GaugeMetricFamily("modelgate_canary_weight",
+                                   "Percent of the route's traffic sent to the canary.",
+                                   labels=["route"])
+        live = GaugeMetricFamily("modelgate_live_backend",
+                                 "1 for the route's live backend, 0 for the others.",
+                                 labels=["route", "backend"])
+        for name, state in control.states().items():
+            weight.add_metric([name], state.canary_weight if state.canary else 0.0)
+            for backend in control.route_config(name).backends:
+                live.add_metric([name, backend], 1.0 if backend == state.live else 0.0)
+        yield weight
+        yield live
+        lag = GaugeMetricFamily("modelgate_event_loop_lag_seconds",
+                                "How late the event loop last woke a timer.")
+        lag.add_metric([], self.loop_lag)
+        yield lag
+        lag_max = GaugeMetricFamily("modelgate_event_loop_lag_max_seconds",
+                                    "The largest event-loop lag of the last minute.")
+        lag_max.add_metric([], self.loop_lag_max)
+        yield lag_max
+        firing = GaugeMetricFamily("modelgate_alarm_firing", "1 while the alarm is firing.",
+                                   labels=["alarm", "route"])
+        value = GaugeMetricFamily("modelgate_alarm_value",
+                                  "The alarm metric's last evaluated value.",
+                                  labels=["alarm", "route"])
+        for status in self._alarms.values():
+            labels = [status.rule.name, status.rule.route]
+            firing.add_metric(labels, 1.0 if status.state == FIRING else 0.0)
+            if status.value is not None:
+                value.add_metric(labels, status.value)
+        yield firing
+        yield value
+        yield from self._collect_probes()
+
+    def _collect_probes(self) -> Iterator[Metric]:
+        length = HistogramMetricFamily("modelgate_input_length",
+                                       "Length of the probed input array or string.",
+                                       labels=["route", "backend"])
+        size = HistogramMetricFamily("modelgate_request_body_bytes",
+                                     "Size of probed request bodies.",
+                                     labels=["route", "backend"])
+        score = HistogramMetricFamily("modelgate_output_score",
+                                      "Probed output scores (confidence).",
+                                      labels=["route", "backend"])
+        feature = HistogramMetricFamily("modelgate_input_feature",
+                                        "Probed numeric input feature values.",
+                                        labels=["route", "backend", "feature"])
+        psi = GaugeMetricFamily("modelgate_drift_psi",
+                                "Population stability index over the drift window.",
+                                labels=["route", "backend", "family", "against"])
+        now = self.clock()
+        for route, probes in list(self._probes.items()):
+            state = self.gateway.control.states().get(route)
+            windows = _Windows(self.recorder, now)
+            for backend, totals in probes.totals.items():
+                labels = [route, backend]
+                if probes.input is not None and any(totals.request_bytes.counts):
+                    size.add_metric(labels, totals.request_bytes.buckets(),
+                                    totals.request_bytes.sum)
+                    if probes.input.has_length:
+                        length.add_metric(labels, totals.length.buckets(), totals.length.sum)
+                counters = probes.stats[backend].counter_totals
+                if probes.output is not None and probes.output.score is not None:
+                    names = probes.output.score_names
+                    if any(n in counters for n in names):
+                        score.add_metric(labels, _cumulative(
+                            probes.output.score_edges, [counters.get(n, 0.0) for n in names]),
+                            totals.score_sum)
+                if probes.input is not None:
+                    for bins in probes.input.features:
+                        if bins.edges is not None and any(n in counters for n in bins.names):
+                            feature.add_metric([*labels, bins.probe.name], _cumulative(
+                                bins.edges, [counters.get(n, 0.0) for n in bins.names]),
+                                None)
+                if state is None:
+                    continue
+                for against in ("live", "baseline"):
+                    values = self._psi_values(route, backend, against,
+                                              probes.config.drift.window, windows, state)
+                    for fam, v in values.items():
+                        if v is not None:
+                            psi.add_metric([route, backend, fam, against], v)
+        yield length
+        yield size
+        yield score
+        yield feature
+        yield psi
+
+    # -- admin API -----------------------------------------------------------------------------
     def add_admin_routes(self, app: web.Application) -> None:
-        return None
+        from gateway.admin.api import ACTOR_KEY, json_response, read_json
+
+        async def list_alarms(request: web.Request) -> web.Response:
+            return json_response({"alarms": self.alarms_view()})
+
+        async def get_alarm(request: web.Request) -> web.Response:
+            return json_response(self._alarm(request.match_info["name"]).to_json())
+
+        async def put_alarm(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            self._alarm(name)
+            data = await read_json(request, {"threshold", "reason"}, {"threshold"})
+            status = await self.set_threshold(name, data["threshold"],
+                                              actor=request[ACTOR_KEY],
+                                              reason=data.get("reason"))
+            return json_response(status.to_json())
+
+        async def get_drift(request: web.Request) -> web.Response:
+            route = request.match_info["route"]
+            return json_response(self.drift(route, _window_param(request, None)))
+
+        async def post_baseline(request: web.Request) -> web.Response:
+            route = request.match_info["route"]
+            probes = self.probes(route)
+            data = await read_json(request, {"window", "reason"})
+            default = probes.config.drift.window if probes is not None else 300.0
+            window = _window(data.get("window"), default)
+            await self.take_baseline(route, window, actor=request[ACTOR_KEY],
+                                     reason=data.get("reason"))
+            return json_response(self.drift(route))
+
+        async def get_probes(request: web.Request) -> web.Response:
+            route = request.match_info["route"]
+            return json_response(self.probe_summary(route, _window_param(request, 60.0)
+                                                    or 60.0))
+
+        app.router.add_get("/admin/alarms", list_alarms)
+        app.router.add_get("/admin/alarms/{name}", get_alarm)
+        app.router.add_put("/admin/alarms/{name}", put_alarm)
+        app.router.add_get("/admin/routes/{route}/drift", get_drift)
+        app.router.add_post("/admin/routes/{route}/drift/baseline", post_baseline)
+        app.router.add_get("/admin/routes/{route}/probes", get_probes)
+
+    def openapi_paths(self) -> dict[str, Any]:
+        route = {"name": "route", "in": "path", "required": True, "schema": {"type": "string"}}
+        name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+        window = {"name": "window", "in": "query", "schema": {"type": "string"},
+                  "description": "e.g. 30s, 5m (at most 15m)"}
+        ok = {"200": {"description": "OK"}}
+        return {
+            "/admin/alarms": {"get": {"summary": "Alarm rules with state, value, since",
+                                      "responses": ok}},
+            "/admin/alarms/{name}": {
+                "get": {"summary": "One alarm rule", "parameters": [name], "responses": ok},
+                "put": {"summary": "Change the threshold at run time (null: back to config)",
+                        "parameters": [name], "responses": ok,
+                        "requestBody": {"required": True, "content": {"application/json": {
+                            "schema": {"type": "object", "required": ["threshold"],
+                                       "additionalProperties": False, "properties": {
+                                           "threshold": {"type": "number", "nullable": True},
+                                           "reason": {"type": "string"}}}}}}},
+            },
+            "/admin/routes/{route}/drift": {"get": {
+                "summary": "PSI of labels, scores and features per backend vs live and "
+                           "vs baseline", "parameters": [route, window], "responses": ok}},
+            "/admin/routes/{route}/drift/baseline": {"post": {
+                "summary": "Take the drift baseline from the last window", "parameters": [route],
+                "responses": ok,
+                "requestBody": {"content": {"application/json": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": {
+                        "window": {"type": "string"}, "reason": {"type": "string"}}}}}}}},
+            "/admin/routes/{route}/probes": {"get": {
+                "summary": "Probe rates per backend over a window (null, missing, schema)",
+                "parameters": [route, window], "responses": ok}},
+        }
+
+
+def _window(raw: Any, default: float) -> float:
+    if raw is None:
+        return default
+    try:
+        seconds = parse_duration(raw, "window")
+    except ConfigError as exc:
+        raise InvalidRequest(str(exc)) from None
+    if not 1 <= seconds <= MAX_WINDOW:
+        raise InvalidRequest("window: must be between 1s and 15m")
+    return seconds
+
+
+def _window_param(request: web.Request, default: float | None) -> float | None:
+    raw = request.query.get("window")
+    return default if raw is None else _window(raw, default or 0.0)
+
+
+def _grouped(values: dict[str, float | None]) -> dict[str, Any]:
+    return {
+        "labels": values.get("labels"),
+        "scores": values.get("scores"),
+        "features": {k[len(FEATURE):]: v for k, v in values.items() if k.startswith(FEATURE)},
+    }
+
+
+def _total(counters: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in counters.items() if k.startswith(prefix))
+
+
+def _enough(baseline: Baseline, min_samples: int) -> bool:
+    return any(sum(c.values()) >= min_samples
+               for fams in baseline.counts.values() for c in fams.values())
+
+
+def _cumulative(edges: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    running = 0.0
+    for edge, n in zip(edges, counts, strict=False):
+        running += n
+        out.append((f"{edge:g}", running))
+    out.append(("+Inf", running + counts[-1]))
+    return out
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)

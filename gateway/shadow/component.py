@@ -1,17 +1,130 @@
-"""The shadow component (stub: filled in by its issue)."""
+"""Shadow mode: mirror a sample of a route's requests to another backend and compare.
+
+How a copy travels, and why the client never notices:
+
+1. The proxy hands each finished exchange to `ShadowTap` *after* the client has its response.
+   The tap decides (sticky by the route's user key, like the canary split) whether to mirror,
+   and puts the exchange on the route's bounded queue with `put_nowait`: it never awaits.
+   A full queue (copies or body bytes) means the copy is dropped and counted.
+2. A fixed pool of sender tasks per route takes copies off the queue and sends them through
+   the shadow backend's own `Upstream` pool, marked ``X-Modelgate-Shadow: 1``, with the same
+   ``X-Request-ID`` and the shadow's own read timeout (``shadow.timeout``).
+3. The sender extracts both predictions, compares them (gateway.shadow.compare), records the
+   outcome in the per-second tallies (gateway.shadow.stats) and, when configured, queues a
+   JSON line for the comparison log (gateway.shadow.log).
+
+Each route has its own queue and senders, so a slow shadow on one route cannot cause drops on
+another. Reports: ``GET /admin/routes/{route}/shadow``, Prometheus ``modelgate_shadow_*``,
+``modelgate shadow-report ROUTE``, and `agreement()` for the rollout gates.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import asyncio
+import logging
+import random
+import time
+from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 
-from gateway.config import RouteConfig
-from gateway.routing import Tap
-from gateway.state import RouteState
+from gateway.config import RouteConfig, Timeouts
+from gateway.errors import ConfigError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.jsonpath import MISSING
+from gateway.metrics import FINE_BOUNDS, PROM_BOUNDS
+from gateway.routing import Backend, Exchange, Tap, bucket_of, threshold
+from gateway.schema import parse_duration
+from gateway.shadow.compare import Comparator, Comparison
+from gateway.shadow.config import ShadowConfig
+from gateway.shadow.log import ComparisonLog
+from gateway.shadow.stats import OUTCOMES, ShadowStats
+from gateway.state import BUCKETS, RouteState
+from gateway.upstream import Headers
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("modelgate.shadow")
+
+SHADOW_HEADER = "X-Modelgate-Shadow"
+_SKIP_HEADERS = frozenset({SHADOW_HEADER.lower(), "expect"})
+_PROM_INDEX = tuple(FINE_BOUNDS.index(b) for b in PROM_BOUNDS)
+DROP_WARNING_EVERY = 60.0
+
+
+class _Lane:
+    """One route's bounded queue of copies and the senders draining it."""
+
+    __slots__ = ("route", "config", "queue", "queued_bytes", "tasks", "timeouts",
+                 "comparator", "log", "last_warning", "target")
+
+    def __init__(self, route: RouteConfig, config: ShadowConfig) -> None:
+        self.route = route.name
+        self.config = config
+        self.queue: asyncio.Queue[tuple[ShadowTap, Exchange, int]] = asyncio.Queue(config.queue)
+        self.queued_bytes = 0
+        self.tasks: list[asyncio.Task[None]] = []
+        self.timeouts = Timeouts(connect=min(route.timeouts.connect, config.timeout),
+                                 read=config.timeout)
+        self.comparator = Comparator(config.compare)
+        self.log: ComparisonLog | None = None
+        self.last_warning = 0.0
+        self.target: str | None = None  # the shadow backend copies are queued for
+
+    def retarget(self, target: str | None) -> None:
+        """The shadow changed: copies queued for another backend are dropped (and counted),
+        so a slow former shadow cannot keep the queue full for the new one."""
+        if target == self.target:
+            return
+        self.target = target
+        kept = []
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if item[0].backend.name == target:
+                kept.append(item)
+            else:
+                item[0].stats.drop()
+                self.queued_bytes -= item[2]
+        for item in kept:
+            self.queue.put_nowait(item)
+
+
+class ShadowTap:
+    """Decides per exchange whether to mirror it; bound to one routing state."""
+
+    __slots__ = ("needs_request_body", "needs_response_body", "owner", "lane", "backend",
+                 "threshold", "salt", "stats")
+
+    def __init__(self, owner: Shadowing, lane: _Lane, backend: Backend, sample: float,
+                 salt: bytes, stats: ShadowStats) -> None:
+        self.needs_request_body = True
+        self.needs_response_body = True
+        self.owner = owner
+        self.lane = lane
+        self.backend = backend
+        self.threshold = threshold(sample)
+        self.salt = salt
+        self.stats = stats
+
+    def __call__(self, exchange: Exchange) -> None:
+        if exchange.backend == self.backend.name:
+            return  # the shadow served this request itself (override header, canary)
+        t = self.threshold
+        if t < BUCKETS:
+            if t == 0:
+                return
+            key = exchange.sticky_key
+            b = bucket_of(self.salt, key) if key is not None else random.randrange(BUCKETS)
+            if b >= t:
+                return
+        self.owner.offer(self, exchange)
 
 
 class Shadowing:
@@ -19,15 +132,385 @@ class Shadowing:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.clock = gateway.clock
+        self._lanes: dict[str, _Lane] = {
+            route.name: _Lane(route, route.shadow or ShadowConfig())
+            for route in gateway.config.routes
+        }
+        self._stats: dict[tuple[str, str], ShadowStats] = {}
+        self._last_backend: dict[str, str] = {}
+        self._logs: dict[str, ComparisonLog] = {}
+        for route in gateway.config.routes:
+            cfg = route.shadow
+            if cfg is not None and cfg.log is not None:
+                key = str(cfg.log.path)
+                found = self._logs.get(key)
+                if found is None:  # routes naming the same file share one writer
+                    found = self._logs[key] = ComparisonLog(cfg.log)
+                self._lanes[route.name].log = found
+        gateway.recorder.add_collector("shadow", self._collect)
 
+    # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
-        return None
+        for path, writer in self._logs.items():
+            try:
+                await writer.start()
+            except OSError as exc:
+                await self.stop()
+                raise ConfigError("shadow.log.path", f"cannot use {path}: {exc}") from None
+        loop = asyncio.get_running_loop()
+        for lane in self._lanes.values():
+            for i in range(lane.config.senders):
+                lane.tasks.append(loop.create_task(self._sender(lane),
+                                                   name=f"shadow-sender:{lane.route}:{i}"))
 
     async def stop(self) -> None:
-        return None
+        tasks = [t for lane in self._lanes.values() for t in lane.tasks]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in self._lanes.values():
+            lane.tasks.clear()
+            while not lane.queue.empty():  # copies not sent by now never will be
+                tap, _, _ = lane.queue.get_nowait()
+                tap.stats.drop()
+            lane.queued_bytes = 0
+        for writer in self._logs.values():
+            await writer.stop()
 
+    # -- the hot path --------------------------------------------------------------------------
     def tap(self, route: RouteConfig, state: RouteState) -> Tap | None:
-        return None
+        lane = self._lanes.get(route.name)
+        static = self.gateway.static.get(route.name)
+        if lane is None or static is None:
+            return None
+        backend = static.backends.get(state.shadow) if state.shadow else None
+        if backend is None or state.shadow_sample <= 0:
+            lane.retarget(None)
+            return None
+        lane.retarget(backend.name)
+        self._last_backend[route.name] = backend.name
+        stats = self._stats_for(route.name, backend.name)
+        return ShadowTap(self, lane, backend, state.shadow_sample, static.shadow_salt, stats)
 
+    def offer(self, tap: ShadowTap, exchange: Exchange) -> None:
+        """Queue a copy, or drop and count it; never waits."""
+        lane = tap.lane
+        size = len(exchange.request_body or b"") + len(exchange.response_body or b"")
+        if tap.backend.name != lane.target:  # began before the shadow changed: not wanted
+            tap.stats.drop()
+            return
+        if lane.queued_bytes + size > lane.config.queue_bytes or lane.queue.full():
+            tap.stats.drop()
+            now = time.monotonic()
+            if now - lane.last_warning > DROP_WARNING_EVERY:
+                lane.last_warning = now
+                log.warning("shadow queue of route %s is full: dropping copies (shadow %s is "
+                            "slow or down)", lane.route, tap.backend.name)
+            return
+        lane.queue.put_nowait((tap, exchange, size))
+        lane.queued_bytes += size
+
+    # -- sending and comparing -----------------------------------------------------------------
+    async def _sender(self, lane: _Lane) -> None:
+        queue = lane.queue
+        while True:
+            tap, exchange, size = await queue.get()
+            lane.queued_bytes -= size
+            try:
+                await self._mirror(lane, tap, exchange)
+            except Exception:  # CancelledError is not an Exception: stop() still works
+                log.exception("shadow copy on route %s failed", lane.route)
+
+    async def _mirror(self, lane: _Lane, tap: ShadowTap, ex: Exchange) -> None:
+        headers: Headers = [(k, v) for k, v in ex.request_headers
+                            if k.lower() not in _SKIP_HEADERS]
+        headers.append((SHADOW_HEADER, "1"))
+        status: int | None = None
+        body: bytes | None = None
+        shadow_headers: Headers = []
+        error: str | None = None
+        started = time.perf_counter()
+        try:
+            resp = await tap.backend.upstream().send(
+                ex.method, ex.target, headers, ex.request_body, lane.timeouts)
+            try:
+                body = await resp.read()
+            finally:
+                if body is None:
+                    resp.close()
+            status = resp.status
+            shadow_headers = resp.headers
+        except UpstreamTimeout:
+            error = "timeout"
+        except UpstreamError as exc:
+            error = exc.kind
+        shadow_latency = time.perf_counter() - started
+
+        comparator = lane.comparator
+        live_pred: Any = MISSING
+        shadow_pred: Any = MISSING
+        comparison: Comparison | None = None
+        if error == "timeout":
+            outcome = "shadow_timeout"
+        elif error is not None:
+            outcome = "shadow_error"
+        elif not 200 <= ex.status < 300:
+            outcome = "live_error"
+        elif status is None or not 200 <= status < 300:
+            outcome = "shadow_error"
+        else:
+            live_pred, preset = comparator.extract(ex.response_body,
+                                                   _content_type(ex.response_headers))
+            shadow_pred, _ = comparator.extract(body, _content_type(shadow_headers))
+            if live_pred is MISSING or shadow_pred is MISSING:
+                outcome = "unparsed"
+            else:
+                text = comparator.text_strings(preset)
+                if text and comparator.slow:
+                    comparison = await asyncio.to_thread(comparator.compare, live_pred,
+                                                         shadow_pred, text)
+                else:
+                    comparison = comparator.compare(live_pred, shadow_pred, text)
+                outcome = "agree" if comparison.agree else "disagree"
+        answered = error is None
+        tap.stats.record(outcome, ex.latency if answered else None,
+                         shadow_latency if answered else None, comparison)
+
+        if lane.log is not None:
+            cfg = lane.config.log
+            assert cfg is not None
+            line: dict[str, Any] = {
+                "time": time.time(),
+                "request_id": ex.request_id,
+                "route": lane.route,
+                "live_backend": ex.backend,
+                "shadow_backend": tap.backend.name,
+                "method": ex.method,
+                "target": ex.target,
+                "live_status": ex.status,
+                "shadow_status": status,
+                "shadow_error": error,
+                "live_latency_ms": round(ex.latency * 1000, 3),
+                "shadow_latency_ms": round(shadow_latency * 1000, 3),
+                "outcome": outcome,
+                "agree": comparison.agree if comparison is not None else None,
+                "live_prediction": None if live_pred is MISSING else live_pred,
+                "shadow_prediction": None if shadow_pred is MISSING else shadow_pred,
+            }
+            if not cfg.redact_bodies:
+                limit = cfg.body_limit
+                line["request_body"] = _body_text(ex.request_body, limit)
+                line["live_body"] = _body_text(ex.response_body, limit)
+                line["shadow_body"] = _body_text(body, limit)
+            try:
+                encoded = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+            except TypeError:  # a prediction orjson cannot encode (e.g. a huge integer)
+                line["live_prediction"] = repr(line["live_prediction"])
+                line["shadow_prediction"] = repr(line["shadow_prediction"])
+                encoded = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+            lane.log.write(encoded)
+
+    # -- reading -------------------------------------------------------------------------------
+    def _stats_for(self, route: str, backend: str) -> ShadowStats:
+        key = (route, backend)
+        found = self._stats.get(key)
+        if found is None:
+            lane = self._lanes[route]
+            found = self._stats[key] = ShadowStats(route, backend, lane.config.window,
+                                                   self.clock)
+        return found
+
+    def _stats_of(self, route: str, backend: str | None) -> ShadowStats | None:
+        """The stats of `backend`, else the current shadow's, else the last one used."""
+        if backend is None:
+            state = self.gateway.control.state(route)
+            backend = state.shadow or self._last_backend.get(route)
+        if backend is None:
+            return None
+        return self._stats.get((route, backend))
+
+    def agreement(self, route: str, seconds: float) -> tuple[int, float | None]:
+        """(pairs compared, agreement rate or None) over the last `seconds` of the route's
+        current (else last) shadow; the rate is per compared element (per row of a batch).
+        For the rollout gates."""
+        stats = self._stats_of(route, None)
+        if stats is None:
+            return 0, None
+        return stats.agreement(seconds)
+
+    def report(self, route: str, seconds: float | None = None,
+               backend: str | None = None) -> dict[str, Any]:
+        """The report behind ``GET /admin/routes/{route}/shadow``."""
+        cfg = self.gateway.control.route_config(route)
+        state = self.gateway.control.state(route)
+        lane = self._lanes[route]
+        shadow_cfg = lane.config
+        if backend is not None and backend not in cfg.backends:
+            raise InvalidRequest(f"backend: route {route!r} has no backend {backend!r}")
+        if seconds is not None and not 0 < seconds <= shadow_cfg.window:
+            raise InvalidRequest(f"window: must be more than 0 and at most the configured "
+                                 f"{shadow_cfg.window:g}s")
+        stats = self._stats_of(route, backend)
+        with_text = shadow_cfg.compare.text.mode == "similarity"
+        span = shadow_cfg.window if seconds is None else seconds
+        window = total = None
+        if stats is not None:
+            window = {"seconds": span, **stats.window_tally(span).summary(with_text)}
+            total = {"since": stats.since, **stats.total.summary(with_text)}
+        writer = lane.log
+        return {
+            "route": route,
+            "live": state.live,
+            "shadow": ({"backend": state.shadow, "sample": state.shadow_sample}
+                       if state.shadow else None),
+            "backend": stats.backend if stats is not None else (backend or state.shadow),
+            "timeout": shadow_cfg.timeout,
+            "compare": shadow_cfg.compare.describe(),
+            "queue": {"depth": lane.queue.qsize(), "capacity": shadow_cfg.queue,
+                      "bytes": lane.queued_bytes, "max_bytes": shadow_cfg.queue_bytes,
+                      "senders": shadow_cfg.senders},
+            "log": ({"path": str(writer.path), "written": writer.written,
+                     "dropped": writer.dropped, "queued": writer.queued,
+                     "redact_bodies": writer.config.redact_bodies}
+                    if writer is not None else None),
+            "window": window,
+            "total": total,
+        }
+
+    def describe_route(self, name: str) -> dict[str, Any]:
+        stats = self._stats_of(name, None)
+        if stats is None:
+            return {}
+        tally = stats.window_tally()
+        o = tally.outcomes
+        return {"shadow_report": {
+            "backend": stats.backend, "window_seconds": stats.window,
+            "compared": tally.compared, "agreement_rate": tally.agreement_rate,
+            "dropped": tally.dropped, "shadow_errors": o["shadow_error"],
+            "shadow_timeouts": o["shadow_timeout"],
+        }}
+
+    # -- admin API -----------------------------------------------------------------------------
     def add_admin_routes(self, app: web.Application) -> None:
+        from gateway.admin.api import json_response
+
+        async def get_report(request: web.Request) -> web.Response:
+            name = request.match_info["route"]
+            self.gateway.control.route_config(name)
+            raw = request.query.get("window")
+            seconds = None
+            if raw is not None:
+                try:
+                    seconds = parse_duration(raw, "window")
+                except ConfigError as exc:
+                    raise InvalidRequest(str(exc)) from None
+            return json_response(self.report(name, seconds, request.query.get("backend")))
+
+        app.router.add_get("/admin/routes/{route}/shadow", get_report)
+
+    def openapi_paths(self) -> dict[str, Any]:
+        return {"/admin/routes/{route}/shadow": {"get": {
+            "summary": "Shadow report: agreement, confusion counts, numeric delta, errors, "
+                       "drops and live vs shadow latency, over the window and since start",
+            "parameters": [
+                {"name": "route", "in": "path", "required": True, "schema": {"type": "string"}},
+                {"name": "window", "in": "query", "schema": {"type": "string"},
+                 "description": "e.g. 60s; at most the route's shadow.window"},
+                {"name": "backend", "in": "query", "schema": {"type": "string"},
+                 "description": "a past shadow backend (default: the current or last one)"},
+            ],
+            "responses": {"200": {"description": "OK"},
+                          "400": {"description": "JSON error"},
+                          "401": {"description": "JSON error"},
+                          "404": {"description": "JSON error"}},
+        }}}
+
+    # -- Prometheus ----------------------------------------------------------------------------
+    def _collect(self) -> list[Metric]:
+        requests = CounterMetricFamily(
+            "modelgate_shadow_requests", "Mirrored requests by outcome (agree, disagree, "
+            "live_error, shadow_error, shadow_timeout, unparsed).",
+            labels=["route", "backend", "outcome"])
+        dropped = CounterMetricFamily(
+            "modelgate_shadow_dropped", "Copies dropped because the shadow queue was full.",
+            labels=["route", "backend"])
+        elements = CounterMetricFamily(
+            "modelgate_shadow_elements", "Compared prediction elements (rows, labels, values).",
+            labels=["route", "backend", "result"])
+        confusion = CounterMetricFamily(
+            "modelgate_shadow_confusion", "Label pairs: live label x shadow label.",
+            labels=["route", "backend", "live", "shadow"])
+        agreement = GaugeMetricFamily(
+            "modelgate_shadow_agreement_ratio",
+            "Share of compared elements that agree, over the route's shadow window.",
+            labels=["route", "backend"])
+        delta = GaugeMetricFamily(
+            "modelgate_shadow_numeric_delta_max",
+            "Largest absolute numeric difference over the route's shadow window.",
+            labels=["route", "backend"])
+        latency = HistogramMetricFamily(
+            "modelgate_shadow_latency_seconds",
+            "Latency of mirrored pairs: the live request (gateway total) and the shadow call.",
+            labels=["route", "backend", "side"])
+        depth = GaugeMetricFamily("modelgate_shadow_queue_depth", "Copies waiting for a sender.",
+                                  labels=["route"])
+        log_lines = CounterMetricFamily(
+            "modelgate_shadow_log_lines", "Comparison log lines, written or dropped.",
+            labels=["file", "result"])
+        for (route, backend), stats in list(self._stats.items()):
+            total = stats.total
+            labels = [route, backend]
+            for outcome in OUTCOMES:
+                requests.add_metric([*labels, outcome], total.outcomes[outcome])
+            dropped.add_metric(labels, total.dropped)
+            elements.add_metric([*labels, "agree"], total.elements_agree)
+            elements.add_metric([*labels, "disagree"], total.elements - total.elements_agree)
+            for (live, shadow), n in total.confusion.items():
+                confusion.add_metric([*labels, live, shadow], n)
+            window = stats.window_tally()
+            rate = window.agreement_rate
+            if rate is not None:
+                agreement.add_metric(labels, rate)
+            if window.numbers:
+                delta.add_metric(labels, window.delta_max)
+            for side, hist, total_sum in (("live", total.live_hist, total.live_sum),
+                                          ("shadow", total.shadow_hist, total.shadow_sum)):
+                latency.add_metric([*labels, side], _prom_buckets(hist), total_sum)
+        for name, lane in self._lanes.items():
+            depth.add_metric([name], lane.queue.qsize())
+        for path, writer in self._logs.items():
+            log_lines.add_metric([path, "written"], writer.written)
+            log_lines.add_metric([path, "dropped"], writer.dropped)
+        return [requests, dropped, elements, confusion, agreement, delta, latency, depth,
+                log_lines]
+
+
+def _prom_buckets(hist: dict[int, int]) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    cumulative = 0
+    items = sorted(hist.items())
+    j = 0
+    for bound, idx in zip(PROM_BOUNDS, _PROM_INDEX, strict=True):
+        while j < len(items) and items[j][0] <= idx:
+            cumulative += items[j][1]
+            j += 1
+        out.append((f"{bound:g}", cumulative))
+    out.append(("+Inf", sum(hist.values())))
+    return out
+
+
+def _content_type(headers: Headers) -> str | None:
+    for name, value in headers:
+        if len(name) == 12 and name.lower() == "content-type":
+            return value
+    return None
+
+
+def _body_text(body: bytes | None, limit: int) -> str | None:
+    if body is None:
         return None
+    if len(body) > limit:
+        return body[:limit].decode("utf-8", "replace") + "…(truncated)"
+    return body.decode("utf-8", "replace")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp import hdrs
+from aiohttp.typedefs import LooseHeaders
+from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Timeouts
@@ -13,6 +15,22 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetErr
 from gateway.upstream import Body, Headers
 
 POOL_LIMIT = 512
+_SKIP_PAYLOAD_HEADERS: CIMultiDict[None] = CIMultiDict([(hdrs.CONTENT_TYPE, None)])
+
+
+class _ForwardRequest(aiohttp.ClientRequest):
+    """Send the caller's headers as given. aiohttp would add Accept, Accept-Encoding (the
+    client would then get compressed bodies it never asked for), User-Agent and a default
+    Content-Type; overriding the hook is cheaper than `skip_auto_headers`, which copies the
+    headers per request. Framing headers are always aiohttp's, matching the body it sends."""
+
+    def update_headers(self, headers: LooseHeaders | None) -> None:
+        super().update_headers(headers)
+        self.headers.popall(hdrs.CONTENT_LENGTH, None)
+        self.headers.popall(hdrs.TRANSFER_ENCODING, None)
+
+    def update_auto_headers(self, skip_auto_headers: object) -> None:
+        self._skip_auto_headers = _SKIP_PAYLOAD_HEADERS
 
 
 class AiohttpResponse:
@@ -28,7 +46,7 @@ class AiohttpResponse:
     async def read(self) -> bytes:
         try:
             body = await self._resp.read()
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             self._resp.close()
             raise UpstreamTimeout("read timeout while reading the body") from exc
         except aiohttp.ClientError as exc:
@@ -41,7 +59,7 @@ class AiohttpResponse:
         try:
             async for chunk in self._resp.content.iter_any():
                 yield chunk
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             self._resp.close()
             raise UpstreamTimeout("read timeout while streaming") from exc
         except aiohttp.ClientError as exc:
@@ -69,6 +87,7 @@ class AiohttpUpstream:
                 auto_decompress=False,
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=(),
+                request_class=_ForwardRequest,
             )
         return self._session
 
@@ -91,7 +110,7 @@ class AiohttpUpstream:
                 allow_redirects=False,
                 compress=None,
             )
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamTimeout(f"{self.origin}: timed out") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(f"{self.origin}: {exc.strerror or exc}") from exc

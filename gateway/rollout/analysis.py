@@ -1,0 +1,284 @@
+"""Judging a candidate: gates over sliding windows of its own and the live backend's traffic.
+
+`judge()` is pure: given the two windows (and, when present, the shadow agreement and the
+firing alarms) it returns an `Analysis` with each gate's value and verdict. `Meter` builds the
+windows: it snapshots the cumulative per-backend totals of `BackendStats` at every check and at
+every step start, and a window is the difference of two snapshots. That is exact at check
+granularity, where `BackendStats.window()`'s one-second slots are not: a 300 ms window would
+see 0-1 s of traffic, and a step that began mid-second would be charged with the previous
+step's requests.
+
+Verdicts: ``pass``, ``fail``, ``no_data`` (too little traffic to judge: the step holds,
+neither a pass nor a failure) and ``skipped`` (the gate does not apply now, e.g. a ratio to the
+live backend when the live backend has no traffic at 100%, or shadow agreement when no shadow
+comparison runs).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.metrics import N_BUCKETS, BackendStats, WindowSummary
+from gateway.rollout.plan import Gates
+
+PASS = "pass"
+FAIL = "fail"
+NO_DATA = "no_data"
+SKIPPED = "skipped"
+
+NULL_COUNTER = "output_null"
+OUTPUT_COUNTER = "output_total"
+MAX_SNAPSHOTS = 4096
+SNAPSHOTS_PER_WINDOW = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class GateResult:
+    name: str
+    value: float | None
+    limit: float | None
+    verdict: str
+    detail: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "limit": self.limit,
+                "verdict": self.verdict, "detail": self.detail}
+
+    def describe(self) -> str:
+        if self.detail:
+            return f"{self.name}: {self.detail}"
+        return f"{self.name} {_fmt(self.value)} vs {_fmt(self.limit)}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What a window saw of one backend (numbers reported with every decision)."""
+
+    requests: int
+    errors: int
+    error_rate: float | None
+    p99_ms: float | None
+
+    @classmethod
+    def of(cls, window: WindowSummary) -> Sample:
+        p99 = window.quantile(0.99)
+        return cls(window.requests, window.errors, window.error_rate,
+                   None if p99 is None else round(p99 * 1000, 3))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"requests": self.requests, "errors": self.errors,
+                "error_rate": self.error_rate, "p99_ms": self.p99_ms}
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """One check's outcome: the overall verdict and every gate's numbers."""
+
+    verdict: str
+    window: float
+    candidate: Sample
+    live: Sample
+    gates: tuple[GateResult, ...]
+
+    def summary(self) -> str:
+        """The gates that decided the verdict, with their numbers (goes into audit events)."""
+        if self.verdict == PASS:
+            shown = [g for g in self.gates if g.verdict == PASS]
+        else:
+            shown = [g for g in self.gates if g.verdict == self.verdict]
+        text = "; ".join(g.describe() for g in shown) or "no gates"
+        return (f"{text} (window {self.window:.2f}s, candidate {self.candidate.requests} req "
+                f"{self.candidate.errors} err, live {self.live.requests} req "
+                f"{self.live.errors} err)")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"verdict": self.verdict, "window": round(self.window, 3),
+                "candidate": self.candidate.to_json(), "live": self.live.to_json(),
+                "gates": [g.to_json() for g in self.gates]}
+
+
+def judge(
+    gates: Gates,
+    candidate: WindowSummary,
+    live: WindowSummary,
+    window: float,
+    *,
+    shadow: tuple[int, float | None] | None = None,
+    alarms: list[str] | None = None,
+) -> Analysis:
+    """Evaluate every configured gate. `shadow` is (pairs, agreement rate) when a shadow
+    comparison runs, `alarms` the firing alarm names when monitoring runs (None: absent)."""
+    need = gates.min_requests
+    results: list[GateResult] = []
+    enough = candidate.requests >= need
+    results.append(GateResult(
+        "min_requests", float(candidate.requests), float(need), PASS if enough else NO_DATA,
+        "" if enough else f"{candidate.requests} of {need} requests in window",
+    ))
+    live_enough = live.requests >= need
+    cand_rate = candidate.error_rate
+    cand_p99 = candidate.quantile(0.99)
+
+    if gates.max_error_rate is not None:
+        results.append(_upper("error_rate", cand_rate if enough else None,
+                              gates.max_error_rate, enough))
+    if gates.max_error_rate_ratio is not None:
+        if not live_enough:
+            results.append(_skip("error_rate_ratio", gates.max_error_rate_ratio,
+                                 f"live has {live.requests} of {need} requests"))
+        else:
+            # A live backend without errors would make any candidate error an infinite ratio:
+            # judge against one error in live's window, the smallest rate it could show.
+            base = max(live.errors, 1) / live.requests
+            ratio = (cand_rate or 0.0) / base if enough else None
+            results.append(_upper("error_rate_ratio", ratio, gates.max_error_rate_ratio, enough))
+    if gates.max_p99_ms is not None:
+        value = cand_p99 * 1000 if enough and cand_p99 is not None else None
+        results.append(_upper("p99_ms", value, gates.max_p99_ms, enough))
+    if gates.max_p99_ratio is not None:
+        live_p99 = live.quantile(0.99)
+        if not live_enough or live_p99 is None:
+            results.append(_skip("p99_ratio", gates.max_p99_ratio,
+                                 f"live has {live.requests} of {need} requests"))
+        else:
+            ratio = cand_p99 / live_p99 if enough and cand_p99 is not None else None
+            results.append(_upper("p99_ratio", ratio, gates.max_p99_ratio, enough))
+    if gates.max_null_rate is not None:
+        outputs = candidate.counter(OUTPUT_COUNTER)
+        nulls = candidate.counter(NULL_COUNTER)
+        if outputs <= 0:
+            results.append(_skip("null_rate", gates.max_null_rate,
+                                 "no output probe data on this route"))
+        elif outputs < need:
+            results.append(GateResult("null_rate", None, gates.max_null_rate, NO_DATA,
+                                      f"{outputs:g} of {need} probed outputs"))
+        else:
+            results.append(_upper("null_rate", nulls / outputs, gates.max_null_rate, True))
+    if gates.min_shadow_agreement is not None:
+        limit = gates.min_shadow_agreement
+        if shadow is None:
+            results.append(_skip("shadow_agreement", limit, "no shadow comparison running"))
+        else:
+            pairs, rate = shadow
+            if pairs < need or rate is None:
+                results.append(GateResult("shadow_agreement", rate, limit, NO_DATA,
+                                          f"{pairs} of {need} compared pairs"))
+            else:
+                verdict = PASS if rate >= limit else FAIL
+                results.append(GateResult("shadow_agreement", rate, limit, verdict,
+                                          f"agreement {_fmt(rate)} "
+                                          f"{'>=' if verdict == PASS else '<'} {_fmt(limit)} "
+                                          f"over {pairs} pairs"))
+    if gates.no_firing_alarms:
+        if alarms is None:
+            results.append(_skip("firing_alarms", 0, "monitoring not running"))
+        else:
+            verdict = FAIL if alarms else PASS
+            results.append(GateResult("firing_alarms", float(len(alarms)), 0.0, verdict,
+                                      f"firing: {', '.join(alarms)}" if alarms else ""))
+
+    verdicts = {r.verdict for r in results}
+    if FAIL in verdicts:
+        overall = FAIL
+    elif NO_DATA in verdicts:
+        overall = NO_DATA
+    else:
+        overall = PASS
+    return Analysis(overall, window, Sample.of(candidate), Sample.of(live), tuple(results))
+
+
+def _upper(name: str, value: float | None, limit: float, enough: bool) -> GateResult:
+    if not enough or value is None:
+        return GateResult(name, None, limit, NO_DATA, "")
+    verdict = PASS if value <= limit else FAIL
+    return GateResult(name, round(value, 6), limit, verdict,
+                      f"{name} {_fmt(value)} {'<=' if verdict == PASS else '>'} {_fmt(limit)}")
+
+
+def _skip(name: str, limit: float, why: str) -> GateResult:
+    return GateResult(name, None, limit, SKIPPED, why)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}"
+
+
+# -- windows from cumulative totals ------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Totals:
+    requests: int
+    errors: int
+    latency_sum: float
+    hist: tuple[int, ...]
+    counters: tuple[tuple[str, float], ...]
+
+    @classmethod
+    def of(cls, stats: BackendStats) -> Totals:
+        status = stats.status_totals
+        return cls(sum(status), status[5], stats.latency_sum_total, tuple(stats.hist_totals),
+                   tuple(stats.counter_totals.items()))
+
+    def minus(self, base: Totals, seconds: float) -> WindowSummary:
+        counters = dict(self.counters)
+        for name, value in base.counters:
+            counters[name] = counters.get(name, 0.0) - value
+        return WindowSummary(
+            seconds=seconds,
+            requests=self.requests - base.requests,
+            errors=self.errors - base.errors,
+            latency_sum=self.latency_sum - base.latency_sum,
+            hist=[a - b for a, b in zip(self.hist, base.hist, strict=True)],
+            counters=counters,
+        )
+
+
+EMPTY = Totals(0, 0, 0.0, (0,) * N_BUCKETS, ())
+
+
+class Meter:
+    """Snapshots of some backends' cumulative totals; windows are differences of two.
+
+    Bounded: at most ~`SNAPSHOTS_PER_WINDOW` snapshots per window (closer ones are not kept
+    unless forced, e.g. at a step start) and never more than `MAX_SNAPSHOTS`.
+    """
+
+    def __init__(self, stats: dict[str, BackendStats], window: float) -> None:
+        self.stats = stats
+        self.window = window
+        self._spacing = window / SNAPSHOTS_PER_WINDOW
+        self._snaps: deque[tuple[float, dict[str, Totals]]] = deque(maxlen=MAX_SNAPSHOTS)
+
+    def _take(self) -> dict[str, Totals]:
+        return {name: Totals.of(s) for name, s in self.stats.items()}
+
+    def mark(self, now: float, force: bool = False) -> dict[str, Totals]:
+        """Snapshot now; kept if forced or far enough from the last kept one."""
+        snap = self._take()
+        snaps = self._snaps
+        if force or not snaps or now - snaps[-1][0] >= self._spacing:
+            snaps.append((now, snap))
+        horizon = now - self.window - self._spacing
+        while len(snaps) > 1 and snaps[1][0] <= horizon:
+            snaps.popleft()
+        return snap
+
+    def windows(self, now: float, since: float, backends: Iterable[str]
+                ) -> tuple[float, dict[str, WindowSummary]]:
+        """Snapshot now, then each backend's traffic from the oldest snapshot at or after
+        `since` until now; returns (seconds covered, windows)."""
+        current = self.mark(now)
+        base_time, base = now, current
+        for t, snap in self._snaps:
+            if t >= since - 1e-9:
+                base_time, base = t, snap
+                break
+        seconds = max(0.0, now - base_time)
+        return seconds, {
+            name: current.get(name, EMPTY).minus(base.get(name, EMPTY), seconds)
+            for name in backends
+        }

@@ -1,0 +1,160 @@
+"""The rollout controller as a pure step function, Flagger-style.
+
+`advance(state, analysis, now, plan)` looks at one check's `Analysis` and returns a `Decision`:
+hold, advance (next step), promote or roll back, with the reason in numbers and the state to
+store next. It does no I/O and reads no clock, so it is tested tick by tick with hand-made
+analyses; the `Rollouts` component's scheduler calls it every check interval and carries out
+the decision through the control plane.
+
+Rules:
+- a check that fails counts a failure; one that passes resets the count; "no data" (fewer than
+  `min_requests` in the window) changes nothing: the step holds, neither pass nor fail;
+- failures >= `failure_threshold` → roll back;
+- a step advances when its bake time (`interval`) has elapsed and this check passed; after the
+  last step the candidate is promoted;
+- a *bake* (watching a backend after a blue-green switch) ends when its time is up and the last
+  check did not fail; too little traffic to judge does not keep it open forever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
+
+from gateway.rollout.analysis import FAIL, NO_DATA, PASS, Analysis
+from gateway.rollout.plan import RolloutPlan
+
+PROGRESSING = "progressing"
+PAUSED = "paused"
+PROMOTED = "promoted"
+ROLLED_BACK = "rolled_back"
+ABORTED = "aborted"
+PHASES = (PROGRESSING, PAUSED, PROMOTED, ROLLED_BACK, ABORTED)
+ACTIVE = frozenset({PROGRESSING, PAUSED})
+
+CANARY = "canary"
+BAKE = "bake"
+
+Action = Literal["hold", "advance", "promote", "rollback"]
+
+
+@dataclass(frozen=True, slots=True)
+class RolloutState:
+    """A rollout's progress: the JSON document stored under ``rollout/<route>``.
+
+    `baseline` is the backend live when the rollout started (what the candidate is compared
+    with, and where a bake switches back to).
+    """
+
+    route: str
+    backend: str
+    baseline: str
+    started: float
+    step_started: float
+    kind: str = CANARY
+    phase: str = PROGRESSING
+    step: int = 0
+    failures: int = 0
+    checks: int = 0
+    last_verdict: str | None = None
+    last_check: dict[str, Any] | None = None
+    last_check_time: float | None = None
+    reason: str | None = None
+    finished: float | None = None
+    paused_at: float | None = None
+    started_by: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.phase in ACTIVE
+
+    def weight(self, plan: RolloutPlan) -> float:
+        if self.kind == BAKE:
+            return 100.0
+        if self.phase == PROMOTED:
+            return 100.0
+        if self.phase in (ROLLED_BACK, ABORTED):
+            return 0.0
+        return plan.steps[min(self.step, len(plan.steps) - 1)]
+
+    def time_in_step(self, now: float) -> float:
+        end = self.finished or self.paused_at or now
+        return max(0.0, end - self.step_started)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RolloutState:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def evolve(self, **changes: Any) -> RolloutState:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    reason: str
+    state: RolloutState
+    # The verdict differs from the previous check's: worth an audit event even on a hold.
+    verdict_changed: bool = False
+
+    @property
+    def weight_change(self) -> bool:
+        return self.action != "hold"
+
+
+def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPlan) -> Decision:
+    """One tick of the controller (pure)."""
+    if state.phase != PROGRESSING:
+        return Decision("hold", f"rollout is {state.phase}", state)
+    verdict = analysis.verdict
+    if verdict == FAIL:
+        failures = state.failures + 1
+    elif verdict == PASS:
+        failures = 0
+    else:
+        failures = state.failures
+    checked = state.evolve(
+        failures=failures, checks=state.checks + 1, last_verdict=verdict,
+        last_check=analysis.to_json(), last_check_time=now,
+    )
+    changed = verdict != state.last_verdict
+    threshold = plan.failure_threshold
+    n_steps = len(plan.steps)
+    here = f"step {state.step + 1}/{n_steps} ({plan.steps[state.step]:g}%)"
+    if state.kind == BAKE:
+        here = "bake"
+
+    if verdict == FAIL and failures >= threshold:
+        reason = (f"rolled back at {here}: {failures} consecutive failed checks "
+                  f"(threshold {threshold}): {analysis.summary()}")
+        return Decision("rollback", reason, checked.evolve(
+            phase=ROLLED_BACK, reason=reason, finished=now), changed)
+
+    elapsed = now - state.step_started
+    baked = elapsed >= plan.interval - 1e-9
+    if state.kind == BAKE and baked and verdict != FAIL:
+        how = "checks passed" if verdict == PASS else "too little traffic to judge"
+        reason = f"bake of {plan.interval:g}s finished ({how}): {analysis.summary()}"
+        return Decision("promote", reason, checked.evolve(
+            phase=PROMOTED, reason=reason, finished=now), changed)
+    if verdict == PASS and baked:
+        if state.step + 1 >= n_steps:
+            reason = (f"promoted after {here} baked {elapsed:.2f}s: {analysis.summary()}")
+            return Decision("promote", reason, checked.evolve(
+                phase=PROMOTED, reason=reason, finished=now), changed)
+        nxt = state.step + 1
+        reason = (f"step {nxt + 1}/{n_steps} → {plan.steps[nxt]:g}% after {here} baked "
+                  f"{elapsed:.2f}s: {analysis.summary()}")
+        return Decision("advance", reason, checked.evolve(
+            step=nxt, step_started=now, failures=0), changed)
+
+    if verdict == FAIL:
+        reason = f"holding {here}: check failed ({failures}/{threshold}): {analysis.summary()}"
+    elif verdict == NO_DATA:
+        reason = f"holding {here}: no data: {analysis.summary()}"
+    else:
+        reason = f"holding {here}: baking {elapsed:.2f}s of {plan.interval:g}s"
+    return Decision("hold", reason, checked, changed)

@@ -1,0 +1,240 @@
+"""`modelgate serve`: run one gateway process from a config file until SIGINT/SIGTERM.
+
+The pieces the demo launcher reuses live here too: the event loop (uvloop when installed),
+logging, admin-token set-up and the graceful stop (drain, then close). The first SIGINT or
+SIGTERM drains in-flight requests (readyz answers 503 meanwhile) for up to ``drain_timeout``;
+a second one cuts the drain short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from gateway.admin.auth import TOKEN_ENV, generate_token_file
+from gateway.config import GatewayConfig, load_config
+from gateway.errors import ConfigError
+
+log = logging.getLogger("modelgate")
+
+UPSTREAM_KINDS = ("aiohttp", "fast")
+NEEDS_SHARED_STORE = (
+    "--workers > 1 needs a shared store (store: redis://...), which comes with the Redis store"
+)
+# LogRecord attributes that are not `extra=` fields.
+_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message", "asctime", "taskName",
+}
+
+
+class _ExtraFormatter(logging.Formatter):
+    """Plain lines with the record's ``extra=`` fields appended as key=value (access log)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _RECORD_FIELDS]
+        return f"{line} {' '.join(extra)}" if extra else line
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log to stderr (stdout is for the ready line and instructions)."""
+    root = logging.getLogger()
+    if any(getattr(h, "_modelgate", False) for h in root.handlers):
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ExtraFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._modelgate = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    # aiohttp logs every client disconnect at INFO/DEBUG; keep the operator's terminal useful.
+    logging.getLogger("aiohttp").setLevel(logging.WARNING)
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's loop when it is installed (the default on Linux/macOS), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        try:
+            return runner.run(main)
+        except KeyboardInterrupt:  # no signal handlers (e.g. Windows): Ctrl-C ends here
+            return 130
+
+
+def env_tokens() -> dict[str, str]:
+    """``MODELGATE_ADMIN_TOKEN`` adds (or replaces) the token named "admin"."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    return {"admin": token} if token else {}
+
+
+def check_options(config: GatewayConfig, workers: int, upstream: str) -> str | None:
+    """The reason these command-line options cannot run this config, or None."""
+    if workers < 1:
+        return "--workers must be at least 1"
+    if workers > 1 and config.store == "memory":
+        return NEEDS_SHARED_STORE
+    if workers > 1:
+        return "--workers > 1 is not available in this build yet (it comes with the Redis store)"
+    if upstream not in UPSTREAM_KINDS:
+        return f"--upstream must be one of {', '.join(UPSTREAM_KINDS)}"
+    if upstream == "fast":
+        try:
+            import gateway.upstream.fastpool  # noqa: F401
+        except ImportError:
+            return "--upstream fast is not available in this build (gateway.upstream.fastpool)"
+    return None
+
+
+class StopSignals:
+    """SIGINT and SIGTERM as awaitable events: the first asks for a graceful stop, the second
+    for a quick one. Handlers are installed on enter and removed on exit."""
+
+    def __init__(self) -> None:
+        self._received: asyncio.Queue[int] = asyncio.Queue(maxsize=8)
+        self._installed: list[int] = []
+
+    def __enter__(self) -> StopSignals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self._on_signal, int(sig))
+            except (NotImplementedError, RuntimeError):  # Windows / not the main thread
+                continue
+            self._installed.append(int(sig))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in self._installed:
+            loop.remove_signal_handler(sig)
+        self._installed.clear()
+
+    def _on_signal(self, sig: int) -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            self._received.put_nowait(sig)
+
+    async def wait(self) -> str:
+        """The name of the next signal received."""
+        return signal.Signals(await self._received.get()).name
+
+
+class AdminToken:
+    """The admin token of a gateway without a configured one: generated at start, written to
+    a 0600 file named by the admin port (where the CLI looks), removed again on stop."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self._token: str | None = None
+
+    def ensure(self, tokens: dict[str, str], admin_port: int) -> Path | None:
+        """Generate and add a token if `tokens` is empty; returns the file written, if any."""
+        if tokens:
+            return None
+        self._token, self.path = generate_token_file(admin_port)
+        tokens["admin"] = self._token
+        return self.path
+
+    def remove(self) -> None:
+        if self.path is None:
+            return
+        with contextlib.suppress(OSError):
+            if self.path.read_text().strip() == self._token:
+                self.path.unlink()
+        self.path = None
+
+
+def describe_addresses(gateway: Any) -> tuple[str, str]:
+    """The proxy and admin base URLs a started gateway listens on."""
+    proxy = ", ".join(f"http://{_host(h)}:{p}" for h, p in gateway.addresses)
+    admin = ""
+    if gateway.admin_address is not None:
+        host, port = gateway.admin_address
+        admin = f"http://{_host(host)}:{port}"
+    return proxy, admin
+
+
+def _host(host: str) -> str:
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+async def stop_gracefully(gateway: Any, signals: StopSignals) -> None:
+    """Drain in-flight requests (bounded by drain_timeout); a second signal ends the drain."""
+    drain = asyncio.create_task(gateway.drain())
+    again = asyncio.create_task(signals.wait())
+    try:
+        done, _ = await asyncio.wait({drain, again}, return_when=asyncio.FIRST_COMPLETED)
+        if again in done:
+            print("modelgate: second signal: stopping without waiting for requests in flight",
+                  file=sys.stderr, flush=True)
+    finally:
+        for task in (drain, again):
+            task.cancel()
+        await asyncio.gather(drain, again, return_exceptions=True)
+    await gateway.stop(drain_timeout=0)
+
+
+async def serve(config: GatewayConfig, upstream: str = "aiohttp") -> int:
+    """Start a gateway, print where it listens, run until a signal, then stop it cleanly."""
+    from gateway.app import Gateway
+
+    with StopSignals() as signals:
+        try:
+            gateway = Gateway(config, admin_token=env_tokens(), upstream_kind=upstream)
+        except ConfigError as exc:  # e.g. a store this build cannot open
+            print(f"modelgate: {config.source}: {exc}", file=sys.stderr)
+            return 2
+        token = AdminToken()
+        try:
+            try:
+                await gateway.start()
+            except BaseException as exc:
+                await gateway.stop(drain_timeout=0)  # close whatever did start
+                if not isinstance(exc, OSError):
+                    raise
+                print(f"modelgate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+                return 1
+            assert gateway.admin_address is not None
+            written = token.ensure(gateway.tokens, gateway.admin_address[1])
+            if written is not None:
+                print(f"admin token generated: {written} (the modelgate CLI on this host "
+                      f"reads it; set {TOKEN_ENV} to choose one)", flush=True)
+            proxy_url, admin_url = describe_addresses(gateway)
+            print(f"modelgate ready: proxy {proxy_url}  admin {admin_url}  (Ctrl-C to stop)",
+                  flush=True)
+            name = await signals.wait()
+            print(f"modelgate: {name}: draining requests in flight, then stopping", flush=True)
+            await stop_gracefully(gateway, signals)
+        finally:
+            token.remove()
+    print("modelgate: stopped", flush=True)
+    return 0
+
+
+def run_server(config_path: str, workers: int = 1, upstream: str = "aiohttp") -> int:
+    """`modelgate serve`: the exit code (2: bad config or options; 1: cannot listen)."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"modelgate: {config_path}: {exc}", file=sys.stderr)
+        return 2
+    problem = check_options(config, workers, upstream)
+    if problem is not None:
+        print(f"modelgate: {problem}", file=sys.stderr)
+        return 2
+    setup_logging()
+    return run_async(serve(config, upstream))

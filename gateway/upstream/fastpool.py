@@ -1,0 +1,707 @@
+"""The fast `Upstream`: a thin keep-alive HTTP/1.1 pool over asyncio Protocols and httptools.
+
+Why it exists: aiohttp's client costs ~100 µs per proxied request; a pool of raw
+`asyncio.Protocol` connections parsing responses with httptools costs about half
+(/work/shared/PERF-NOTES.md). It speaks only what a reverse proxy needs: one request at a time
+per connection (no pipelining), Content-Length / chunked / close-delimited response bodies, and
+Content-Length or chunked request bodies.
+
+How it is put together:
+
+- `_Conn` is one socket. Idle ones sit in a LIFO list (the most recently used is the warmest);
+  at most `MAX_IDLE` are kept, and at most `MAX_ACTIVE` are busy at once (more requests wait
+  for a slot, FIFO).
+- A connection goes back to the pool as soon as its response is complete *on the wire*: body
+  bytes the caller has not consumed yet belong to the `FastResponse`, not to the socket. A
+  response abandoned before its end closes its connection.
+- No timer per request (one costs ~13 µs): a connection waiting for bytes keeps a `deadline`,
+  refreshed on every read, and one sweep task per `FastUpstream` fails the connections whose
+  deadline has passed every `SWEEP_INTERVAL`. The sweep starts with the first request, stops by
+  itself when the pool is empty, and `close()` cancels and awaits it.
+- Reading is flow-controlled: when more than `READ_HIGH` bytes wait for a slow consumer the
+  socket stops being read (and the read deadline is suspended: the wait is ours) until the
+  consumer takes them. `iter_chunks()` hands over everything buffered at once, so memory per
+  response stays near `READ_HIGH` plus one socket read.
+
+Errors are translated here, once: refused / unreachable / DNS → `UpstreamConnectError`; reset,
+closed early or an unparsable response → `UpstreamResetError`; connect or read timeout →
+`UpstreamTimeout`. Body errors surface from `read()` / `iter_chunks()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from gateway.config import Timeouts
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
+from gateway.upstream import Body, Headers
+
+MAX_IDLE = 256  # idle keep-alive connections kept per origin
+MAX_ACTIVE = 1024  # connections busy at once per origin; further requests wait for one
+IDLE_TTL = 30.0  # close idle connections older than this (servers drop them anyway)
+SWEEP_INTERVAL = 0.1  # timeout resolution: deadlines are checked this often
+READ_HIGH = 1 << 20  # stop reading the socket when this much body waits for the consumer
+COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as the head
+
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_SPECIAL_LENGTHS = frozenset({4, 14, 17})  # len("host"), len("content-length"), ...
+
+# _Conn.state
+_NEW, _ACTIVE, _IDLE, _DEAD = 0, 1, 2, 3
+
+
+class _ProtocolViolation(Exception):
+    """Raised inside parser callbacks; surfaces as an httptools callback error."""
+
+
+class FastResponse:
+    """One response. Its body chunks are buffered here, so the connection can be reused as
+    soon as the response is complete on the wire, whether or not the caller has read it."""
+
+    __slots__ = ("status", "reason", "headers", "content_length", "_conn", "_loop", "_chunks",
+                 "_buffered", "_waiter", "_eof", "_exc", "_read_all")
+
+    def __init__(
+        self,
+        conn: _Conn,
+        status: int,
+        reason: str,
+        headers: Headers,
+        content_length: int | None,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.content_length = content_length
+        self._conn: _Conn | None = conn  # None once the body is complete, failed or abandoned
+        self._loop = conn.loop
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._exc: UpstreamError | None = None
+        self._read_all = False  # read() wants everything: no read flow control
+
+    def __repr__(self) -> str:
+        return f"<FastResponse {self.status} {self.reason}>"
+
+    async def read(self) -> bytes:
+        """The whole body (then the connection is reused)."""
+        if not self._eof and self._exc is None:
+            self._read_all = True
+            conn = self._conn
+            if conn is not None and conn.reading_paused:
+                conn.resume_reading()
+            while not self._eof and self._exc is None:
+                await self._wait()
+        if self._exc is not None:
+            raise self._exc
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
+
+    async def iter_chunks(self) -> AsyncIterator[bytes]:
+        """Body chunks as they arrive (whatever is buffered is yielded as one chunk)."""
+        chunks = self._chunks
+        try:
+            while True:
+                if chunks:
+                    data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                    chunks.clear()
+                    self._buffered = 0
+                    conn = self._conn
+                    if conn is not None and conn.reading_paused:
+                        conn.resume_reading()
+                    yield data
+                elif self._exc is not None:
+                    raise self._exc
+                elif self._eof:
+                    return
+                else:
+                    await self._wait()
+        finally:
+            if not self._eof:  # the consumer stopped early (or failed): drop the connection
+                self.close()
+
+    def close(self) -> None:
+        """Abandon the response: its connection is dropped unless the body was complete."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.abandon(self)
+        if not self._eof and self._exc is None:
+            self._exc = UpstreamResetError("response was closed before its end")
+        self._chunks.clear()
+        self._buffered = 0
+
+    async def _wait(self) -> None:
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            self.close()  # cancelled mid-body: never reuse a half-read connection
+            raise
+        finally:
+            self._waiter = None
+
+    # Called by the connection.
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        self._conn = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail(self, exc: UpstreamError) -> None:
+        self._conn = None
+        if self._eof or self._exc is not None:
+            return
+        self._exc = exc
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Conn(asyncio.Protocol):
+    """One keep-alive socket; also the httptools callback object for its responses."""
+
+    __slots__ = (
+        "pool", "loop", "transport", "parser", "state", "closed", "idle_since", "deadline",
+        "read_timeout", "got_bytes", "reading_paused", "_head_waiter", "_drain_waiter",
+        "_write_paused", "_writing", "_head_only", "resp", "_reason", "_headers",
+        "_content_length", "_chunked", "_informational", "_keep_alive", "_msg_done",
+    )
+
+    def __init__(self, pool: FastUpstream, loop: asyncio.AbstractEventLoop) -> None:
+        self.pool = pool
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.state = _NEW
+        self.closed = False
+        self.idle_since = 0.0
+        self.deadline = 0.0  # 0: not waiting for the server
+        self.read_timeout = 30.0
+        self.got_bytes = False  # any byte of the current request's response arrived
+        self.reading_paused = False
+        self._head_waiter: asyncio.Future[FastResponse] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._writing = False  # a streamed request body is still being written
+        self._head_only = False  # the request was HEAD: the response has no body
+        self.resp: FastResponse | None = None  # the response whose body is being received
+        self._reason = b""
+        self._headers: Headers = []
+        self._content_length: int | None = None
+        self._chunked = False
+        self._informational = False
+        self._keep_alive = False
+        self._msg_done = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.pool._open.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_waiter is None and self.resp is None:
+            # Bytes nobody asked for (an idle connection, or after a complete response): the
+            # server is confused or closing. Don't reuse the connection.
+            self._drop()
+            return
+        self.got_bytes = True
+        if self.deadline:
+            self.deadline = self.loop.time() + self.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self._msg_done:
+                # Junk after a complete response: the response stands, the connection goes.
+                self._keep_alive = False
+                self._finish()
+            else:
+                self.fail(UpstreamResetError(f"{self.pool.origin}: bad response: {exc}"))
+            return
+        if self._msg_done:
+            self._finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        resp = self.resp
+        if (resp is not None and not self._msg_done and self._content_length is None
+                and not self._chunked and not self._head_only):
+            # A close-delimited body (no length, not chunked) ends with the connection.
+            self.resp = None
+            resp._feed_eof()
+        reason = f": {exc}" if exc is not None else ""
+        self.fail(UpstreamResetError(f"{self.pool.origin}: connection closed{reason}"))
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # the writer sees `closed` and stops
+        self.pool._lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        if self._msg_done:
+            raise _ProtocolViolation("data after the end of the response")
+        self._reason = b""
+        self._headers = []
+        self._content_length = None
+        self._chunked = False
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status  # may come in pieces when split across reads
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) in _SPECIAL_LENGTHS:
+            lower = name.lower()
+            if lower == b"content-length":
+                self._content_length = int(value)  # llhttp has checked it is digits
+            elif lower == b"transfer-encoding":
+                # Chunked framing only if chunked is the final coding; otherwise the body is
+                # close-delimited (RFC 9112 §6.3).
+                self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise _ProtocolViolation("unexpected protocol upgrade (101)")
+            self._informational = True  # 100 Continue, 103 Early Hints...: wait for the next
+            return
+        waiter = self._head_waiter
+        if waiter is None or waiter.done():
+            # The request was cancelled: its connection must not be reused (nor its answer
+            # completing the message put it back in the pool under the canceller's feet).
+            raise _ProtocolViolation("response to an abandoned request")
+        self._head_waiter = None
+        self._keep_alive = self.parser.should_keep_alive()
+        length = None if self._chunked else self._content_length
+        resp = FastResponse(self, status, self._reason.decode("latin-1"), self._headers, length)
+        self.resp = resp
+        if self._head_only:
+            # httptools doesn't know the request was HEAD and would wait for the body its
+            # headers announce: end the message here (the parser is replaced in _finish).
+            # llhttp would also call a HEAD answer without a length close-delimited.
+            self._msg_done = True
+            self._keep_alive = _keep_alive(self.parser.get_http_version(), self._headers)
+        waiter.set_result(resp)
+
+    def on_body(self, body: bytes) -> None:
+        resp = self.resp
+        if resp is None or self._msg_done:
+            raise _ProtocolViolation("body bytes after the end of the response")
+        resp._feed(body)
+        if resp._buffered > READ_HIGH and not resp._read_all and not self.reading_paused:
+            self.reading_paused = True
+            self.deadline = 0.0  # waiting on our consumer, not on the server
+            assert self.transport is not None
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        if self._informational:
+            self._informational = False
+            return
+        self._msg_done = True
+
+    # Driven by FastUpstream / FastResponse
+
+    async def request(
+        self, head: bytes, payload: bytes | None, stream: AsyncIterable[bytes] | None,
+        read_timeout: float, head_only: bool,
+    ) -> FastResponse:
+        self.got_bytes = False
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise UpstreamResetError(f"{self.pool.origin}: connection closed")
+        self.read_timeout = read_timeout
+        self._head_only = head_only
+        waiter: asyncio.Future[FastResponse] = self.loop.create_future()
+        self._head_waiter = waiter
+        try:
+            if stream is not None:
+                transport.write(head)
+                await self._write_stream(stream)
+            elif payload is None:
+                transport.write(head)
+            elif len(payload) <= COALESCE:
+                transport.write(head + payload)
+            else:
+                transport.write(head)
+                transport.write(payload)
+            if not self.closed and not self.reading_paused:
+                self.deadline = self.loop.time() + read_timeout
+            return await waiter
+        except BaseException:
+            # Cancelled, the body iterator failed, or the response failed: never reuse the
+            # connection. Once the waiter has a response the connection may already be back
+            # in the pool (not ours any more): then only the response is abandoned.
+            if not waiter.done():
+                waiter.cancel()  # nobody will await it
+            elif not waiter.cancelled() and waiter.exception() is None:
+                waiter.result().close()
+                raise
+            if not self.closed:
+                self.fail(UpstreamResetError(f"{self.pool.origin}: request abandoned"))
+            raise
+
+    async def _write_stream(self, stream: AsyncIterable[bytes]) -> None:
+        transport = self.transport
+        assert transport is not None
+        self._writing = True
+        try:
+            async for chunk in stream:
+                if self.closed:
+                    break  # the waiter holds the outcome (an early response or an error)
+                if not chunk:
+                    continue  # a zero-length chunk would end the body
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                if self._write_paused:
+                    await self._drain()
+            if not self.closed:
+                transport.write(b"0\r\n\r\n")
+        finally:
+            self._writing = False
+
+    async def _drain(self) -> None:
+        waiter = self._drain_waiter = self.loop.create_future()
+        # A server that stops reading our body must not hang us: the read deadline applies.
+        self.deadline = self.loop.time() + self.read_timeout
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+            if self._head_waiter is not None:
+                self.deadline = 0.0
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            if not self.closed and self.transport is not None:
+                self.deadline = self.loop.time() + self.read_timeout
+                self.transport.resume_reading()
+
+    def abandon(self, resp: FastResponse) -> None:
+        if self.resp is resp:
+            self.resp = None
+            self._drop(abort=True)
+
+    def timed_out(self) -> None:
+        origin = self.pool.origin
+        if self.resp is not None:
+            exc = UpstreamTimeout(f"{origin}: no body bytes within {self.read_timeout}s")
+        else:
+            exc = UpstreamTimeout(f"{origin}: no response within {self.read_timeout}s")
+        self.fail(exc)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: UpstreamError) -> None:
+        """Fail whatever waits on this connection and drop it."""
+        waiter = self._head_waiter
+        if waiter is not None:
+            self._head_waiter = None
+            if not waiter.done():
+                waiter.set_exception(exc)
+        resp = self.resp
+        if resp is not None:
+            self.resp = None
+            resp._fail(exc)
+        self._drop(abort=True)
+
+    def _finish(self) -> None:
+        """The response is complete on the wire: hand the connection back or close it."""
+        self._msg_done = False
+        resp = self.resp
+        if resp is not None:
+            self.resp = None
+            resp._feed_eof()
+        self.deadline = 0.0
+        transport = self.transport
+        assert transport is not None
+        if (not self._keep_alive or self._writing or self.closed
+                or transport.get_write_buffer_size()):
+            # Not reusable: the server said close, or answered before our body was all sent.
+            self._drop(abort=bool(transport.get_write_buffer_size()))
+            return
+        if self._head_only:
+            self.parser = httptools.HttpResponseParser(self)  # it still expects a body
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
+        self.pool._release(self)
+
+    def _drop(self, abort: bool = False) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                if abort:
+                    self.transport.abort()
+                else:
+                    self.transport.close()
+        self.deadline = 0.0
+        self.pool._forget(self)
+
+
+def _keep_alive(version: str, headers: Headers) -> bool:
+    """Keep-alive by version and Connection header (for HEAD answers, which have no body)."""
+    tokens = {
+        t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")
+    }
+    if version == "1.0":
+        return "keep-alive" in tokens
+    return "close" not in tokens
+
+
+class FastUpstream:
+    """Keep-alive HTTP/1.1 pool to one origin (``http://host:port``, optionally https)."""
+
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) origin: {origin!r}")
+        self._host = parts.hostname
+        self._port = parts.port or (443 if parts.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = (
+            ssl.create_default_context() if parts.scheme == "https" else None
+        )
+        self._prefix = parts.path.rstrip("/")
+        self._host_line = f"Host: {parts.netloc}\r\n"
+        self._idle: list[_Conn] = []  # LIFO: the end is the most recently used
+        self._active: set[_Conn] = set()
+        self._open: set[_Conn] = set()  # connection_made .. connection_lost
+        self._slots = 0  # connections active or connecting
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._all_lost: asyncio.Future[None] | None = None
+
+    def __repr__(self) -> str:
+        return (f"<FastUpstream {self.origin} active={len(self._active)} "
+                f"idle={len(self._idle)}>")
+
+    async def send(
+        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts
+    ) -> FastResponse:
+        payload: bytes | None = None
+        stream: AsyncIterable[bytes] | None = None
+        if body is None:
+            framing = "Content-Length: 0\r\n" if method in _BODY_METHODS else ""
+        elif isinstance(body, (bytes, bytearray, memoryview)):
+            payload = body if type(body) is bytes else bytes(body)
+            framing = f"Content-Length: {len(payload)}\r\n"
+        else:
+            stream = body
+            framing = "Transfer-Encoding: chunked\r\n"
+        head = self._head(method, target, headers, framing)
+        head_only = method == "HEAD"
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+        fresh = False
+        while True:
+            conn, reused = await self._acquire(timeouts, fresh)
+            try:
+                return await conn.request(head, payload, stream, timeouts.read, head_only)
+            except UpstreamResetError:
+                # A reused connection the server had closed while idle: try once on a new one.
+                # Only when nothing came back and the body can be sent again.
+                if reused and not conn.got_bytes and stream is None and not fresh:
+                    fresh = True
+                    continue
+                raise
+
+    async def close(self) -> None:
+        """Close every connection and stop the sweep task."""
+        sweeper = self._sweeper
+        self._sweeper = None
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.wait({sweeper})  # not gather: our own cancellation must propagate
+        for conn in list(self._idle):
+            conn._drop()
+        for conn in list(self._open):
+            conn.fail(UpstreamResetError(f"{self.origin}: upstream closed"))
+        if self._open:
+            # Let the transports run connection_lost, which closes the sockets.
+            self._all_lost = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait({self._all_lost}, timeout=1.0)
+            finally:
+                self._all_lost = None
+
+    # Request head
+
+    def _head(self, method: str, target: str, headers: Headers, framing: str) -> bytes:
+        lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n"]
+        has_host = False
+        for name, value in headers:
+            if len(name) in _SPECIAL_LENGTHS:
+                lower = name.lower()
+                if lower in _FRAMING:
+                    continue  # the framing is ours: it must match what we send
+                if lower == "host":
+                    has_host = True
+            lines.append(f"{name}: {value}\r\n")
+        if not has_host:
+            lines.insert(1, self._host_line)
+        if framing:
+            lines.append(framing)
+        lines.append("\r\n")
+        text = "".join(lines)
+        # One CRLF per line and no other CR or LF: a value carrying CR/LF would split the
+        # request (request smuggling). Two C-speed scans instead of a check per header.
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+            raise ValueError("CR or LF inside the request line or a header")
+        try:
+            return text.encode("latin-1")
+        except UnicodeEncodeError:
+            return text.encode("utf-8")
+
+    # Connections and slots
+
+    async def _acquire(self, timeouts: Timeouts, fresh: bool) -> tuple[_Conn, bool]:
+        if self._slots < MAX_ACTIVE:
+            self._slots += 1
+        else:
+            await self._wait_slot()
+        if not fresh:
+            idle = self._idle
+            while idle:
+                conn = idle.pop()
+                if conn.closed or conn.transport is None or conn.transport.is_closing():
+                    conn.state = _DEAD
+                    continue
+                conn.state = _ACTIVE
+                self._active.add(conn)
+                return conn, True
+        try:
+            conn = await self._connect(timeouts.connect)
+        except BaseException:
+            self._release_slot()
+            raise
+        conn.state = _ACTIVE
+        self._active.add(conn)
+        return conn, False
+
+    async def _connect(self, timeout: float) -> _Conn:
+        loop = asyncio.get_running_loop()
+        conn = _Conn(self, loop)
+        try:
+            async with asyncio.timeout(timeout):
+                await loop.create_connection(
+                    lambda: conn, self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )
+        except TimeoutError as exc:  # before OSError: TimeoutError is one
+            raise UpstreamTimeout(f"{self.origin}: connect timed out after {timeout}s") from exc
+        except OSError as exc:  # refused, unreachable, DNS (gaierror), TLS
+            raise UpstreamConnectError(f"{self.origin}: {exc.strerror or exc}") from exc
+        return conn
+
+    async def _wait_slot(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot just as we were cancelled: pass it on
+            else:
+                try:
+                    self._slot_waiters.remove(waiter)
+                except ValueError:
+                    pass
+            raise
+
+    def _release_slot(self) -> None:
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes to the waiter
+                return
+        self._slots -= 1
+
+    def _release(self, conn: _Conn) -> None:
+        """A connection finished its response cleanly."""
+        if conn.state != _ACTIVE:
+            return
+        self._active.discard(conn)
+        if len(self._idle) >= MAX_IDLE:
+            conn.state = _DEAD
+            conn._drop()
+        else:
+            conn.state = _IDLE
+            conn.idle_since = conn.loop.time()
+            self._idle.append(conn)
+        self._release_slot()
+
+    def _forget(self, conn: _Conn) -> None:
+        """A connection is closing: it leaves the pool."""
+        state = conn.state
+        conn.state = _DEAD
+        if state == _ACTIVE:
+            self._active.discard(conn)
+            self._release_slot()
+        elif state == _IDLE:
+            try:
+                self._idle.remove(conn)
+            except ValueError:
+                pass
+
+    def _lost(self, conn: _Conn) -> None:
+        self._forget(conn)
+        self._open.discard(conn)
+        if not self._open and self._all_lost is not None and not self._all_lost.done():
+            self._all_lost.set_result(None)
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            expired = [c for c in self._active if 0.0 < c.deadline <= now]
+            for conn in expired:
+                conn.timed_out()
+            idle = self._idle
+            too_old = now - IDLE_TTL
+            while idle and idle[0].idle_since < too_old:
+                idle[0]._drop()  # leaves the list through _forget
+            if not self._slots and not idle:
+                self._sweeper = None  # nothing to watch; send() starts a new sweep
+                return
+
+
+__all__ = ["FastResponse", "FastUpstream"]
