@@ -8,6 +8,7 @@ probes) are taps run after the client has its response; they never await.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -68,10 +69,27 @@ class Proxy:
         self.access_log_sample = gateway.config.access_log_sample
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """The server's handler: a bug in the gateway is a JSON 500, never a traceback."""
+        try:
+            return await self._proxy(request)
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("proxy failed on %s %s", request.method, request.path)
+            return json_error(500, "internal_error", "the gateway failed; see its log",
+                              request.headers.get(REQUEST_ID))
+
+    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         headers_in = request.headers
         request_id = headers_in.get(REQUEST_ID) or new_request_id()
-        route = self.gateway.table.match(request.host, request.path)
+        path = request.path
+        if "/." in path and _has_dot_segment(path):
+            # We match "/public" on "/public/../internal" but the backend may resolve it to
+            # "/internal": refuse rather than route on one path and serve another.
+            return json_error(400, "bad_path", "'.' and '..' path segments are not allowed",
+                              request_id)
+        route = self.gateway.table.match(request.host, path)
         if route is None:
             return json_error(404, "no_route", f"no route matches {request.path}", request_id)
 
@@ -94,7 +112,8 @@ class Proxy:
         try:
             forward = self._forward_headers(request, request_id)
             expect = headers_in.get("Expect")
-            if expect is not None and request.body_exists and expect.lower() == "100-continue":
+            if (expect is not None and expect.lower() == "100-continue" and request.body_exists
+                    and request.version >= (1, 1)):
                 # The client holds its body back until it sees this (curl waits 1 s for it);
                 # the low-level server does not send it for us the way web.Application does.
                 await request.writer.write(_CONTINUE)
@@ -290,6 +309,10 @@ class Proxy:
         if capture is not None and exchange is not None:
             exchange.response_body = b"".join(capture)
         return response
+
+
+def _has_dot_segment(path: str) -> bool:
+    return any(segment in (".", "..") for segment in path.split("/"))
 
 
 async def _read_body(request: web.BaseRequest, limit: int) -> bytes:

@@ -666,49 +666,6 @@ def find_nginx() -> str | None:
     return None
 
 
-def _gateway_has(command: str, option: str | None = None) -> bool:
-    """Whether this build's `modelgate` CLI has `command` (and `option`)."""
-    try:
-        out = subprocess.run([sys.executable, "-m", "gateway", command, "--help"],
-                             capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and (option is None or option in out.stdout)
-
-
-# Used until `modelgate serve` exists: the same start-up, inline.
-_GATEWAY_LAUNCHER = """
-import sys
-try:
-    from gateway.serve import run_server
-except ImportError:
-    run_server = None
-if run_server is not None:
-    sys.exit(run_server(sys.argv[1], 1, sys.argv[2]))
-import asyncio, os, signal, uvloop
-from gateway.app import Gateway
-from gateway.config import load_config
-async def main():
-    gw = Gateway(load_config(sys.argv[1]), upstream_kind=sys.argv[2],
-                 admin_token={"admin": os.environ["MODELGATE_ADMIN_TOKEN"]})
-    await gw.start()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await gw.stop(drain_timeout=1)
-uvloop.run(main())
-"""
-
-_MODEL_SERVER_LAUNCHER = """
-import argparse, sys
-from gateway.demo.model_server import add_arguments, run
-parser = argparse.ArgumentParser()
-add_arguments(parser)
-sys.exit(run(parser.parse_args()))
-"""
-
-
 def gateway_config(port: int, admin_port: int, backend_port: int) -> str:
     """One route `/` → the backend, sticky on x-user-id, a 10% canary to a second backend
     name on the same URL: the hash, split and per-backend metrics all run per request."""
@@ -728,16 +685,12 @@ def gateway_config(port: int, admin_port: int, backend_port: int) -> str:
     )
 
 
-def start_modelgate(procs: Processes, name: str, upstream: str, backend_port: int,
-                    use_serve: bool) -> tuple[Proc, int]:
+def start_modelgate(procs: Processes, name: str, upstream: str,
+                    backend_port: int) -> tuple[Proc, int]:
     port, admin_port = free_port(), free_port()
     config = procs.workdir / f"{name}.yaml"
     config.write_text(gateway_config(port, admin_port, backend_port))
-    if use_serve:
-        argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config),
-                "--upstream", upstream]
-    else:
-        argv = [sys.executable, "-c", _GATEWAY_LAUNCHER, str(config), upstream]
+    argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config), "--upstream", upstream]
     env = {**os.environ, "MODELGATE_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = procs.start(name, argv, PROXY_CPU, env)
     wait_ready(proc, port)
@@ -746,10 +699,7 @@ def start_modelgate(procs: Processes, name: str, upstream: str, backend_port: in
 
 def start_model_server(procs: Processes) -> tuple[Proc, int]:
     port = free_port()
-    if _gateway_has("model-server"):
-        argv = [sys.executable, "-m", "gateway", "model-server", "--port", str(port)]
-    else:
-        argv = [sys.executable, "-c", _MODEL_SERVER_LAUNCHER, "--port", str(port)]
+    argv = [sys.executable, "-m", "gateway", "model-server", "--port", str(port)]
     proc = procs.start("backend", argv, LOAD_CPU)
     wait_ready(proc, port)
     return proc, port
@@ -997,7 +947,6 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 backend, backend_port = start_model_server(procs)
             running: list[Target] = []
-            use_serve = None
             for name in targets:
                 if name == "direct":
                     running.append(Target(name, backend_port, None))
@@ -1006,13 +955,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                              BACKEND_PORT=str(backend_port))
                     running.append(Target(name, port, proc))
                 else:
-                    if use_serve is None:
-                        use_serve = _gateway_has("serve", "--upstream")
-                        if not use_serve:
-                            notes.append("`modelgate serve --upstream` not in this build: "
-                                         "inline launcher used")
                     upstream = "fast" if name == "modelgate-fast" else "aiohttp"
-                    proc, port = start_modelgate(procs, name, upstream, backend_port, use_serve)
+                    proc, port = start_modelgate(procs, name, upstream, backend_port)
                     running.append(Target(name, port, proc))
             script = workdir / "post.lua"
             script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "users": USERS})
@@ -1154,8 +1098,7 @@ def profile_main(argv: Sequence[str]) -> int:
                                                   LOAD_CPU, BODY=BACKEND_BODY)
                 else:
                     _, backend_port = start_model_server(procs)
-                gateway, port = start_modelgate(procs, "modelgate", args.upstream, backend_port,
-                                                _gateway_has("serve", "--upstream"))
+                gateway, port = start_modelgate(procs, "modelgate", args.upstream, backend_port)
                 script = workdir / "post.lua"
                 script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "users": USERS})
                 load = procs.start("wrk", [wrk, "-t1", f"-c{args.connections}",

@@ -1,19 +1,20 @@
 #!/usr/bin/env python3
 """What the input/output probes cost: gateway CPU per request with probes on vs off.
 
-    python loadtest/probes_cost.py [--rate 1000] [--seconds 4] [--rounds 5] [--json out.json]
+    python loadtest/probes_cost.py [--rate 1000] [--seconds 3.5] [--rounds 5] [--json out.json]
 
 Starts one demo model server and two gateways (`modelgate serve`) in front of it that differ
 only in the route's ``probes:`` section: "off" has none (the route gets no tap), "on" has the
 demo's full set (input length, missing values, required paths, two binned features; output
-prediction, labels, score histogram, error body) at sample 1.0. Each round drives both in
-turn -- order alternating -- with bench.py's open-loop Poisson generator at `--rate` and reads
-each gateway's CPU time from /proc/<pid>/stat around its run; the figures are medians over
-rounds, and the difference on/off is taken within each round before the median (the machine
-is shared and noisy). It also times the probe tap alone, in this process, on the same bodies.
+prediction, labels, score histogram, error body) at `--sample` (default 1.0). Each round
+drives both in turn -- order alternating -- with bench.py's open-loop Poisson generator at
+`--rate`, and reads each gateway's CPU time from /proc/<pid>/stat around its run. Figures are
+medians over rounds; the on/off difference is taken within each round before the median (the
+machine is shared and noisy). It also times the probe tap alone, in this process, on the same
+request and response bodies (a hot loop: the floor of the cost).
 
 Bounds: 127.0.0.1 only; about rounds × 2 × (warm-up + seconds) + a few seconds of start-up
-(~50 s by default); every process started is stopped by its PID (bench.py's `Processes`).
+(~45-55 s by default); every process started is stopped by its PID (bench.py's `Processes`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import bench  # noqa: E402 - loadtest/bench.py: load generator and process handl
 
 PROBES_YAML = """\
     probes:
-      sample: 1.0
+      sample: {sample}
       path_suffix: /infer
       input:
         length: inputs[0].data
@@ -55,7 +56,8 @@ PROBES_YAML = """\
 MODES = ("off", "on")
 
 
-def gateway_config(port: int, admin_port: int, backend_port: int, probes: bool) -> str:
+def gateway_config(port: int, admin_port: int, backend_port: int, probes: bool,
+                   sample: float = 1.0) -> str:
     backend = f"http://127.0.0.1:{backend_port}"
     text = (
         f"listen: 127.0.0.1:{port}\n"
@@ -68,13 +70,14 @@ def gateway_config(port: int, admin_port: int, backend_port: int, probes: bool) 
         "    live: blue\n"
         "    sticky:\n      header: x-user-id\n"
     )
-    return text + (PROBES_YAML if probes else "")
+    return text + (PROBES_YAML.replace("{sample}", f"{sample:g}") if probes else "")
 
 
-def start_gateway(procs: bench.Processes, mode: str, backend_port: int) -> bench.Target:
+def start_gateway(procs: bench.Processes, mode: str, backend_port: int,
+                  sample: float) -> bench.Target:
     port, admin_port = bench.free_port(), bench.free_port()
     config = procs.workdir / f"gateway-{mode}.yaml"
-    config.write_text(gateway_config(port, admin_port, backend_port, mode == "on"))
+    config.write_text(gateway_config(port, admin_port, backend_port, mode == "on", sample))
     env = {**os.environ, "MODELGATE_ADMIN_TOKEN": bench.ADMIN_TOKEN, "PYTHONUNBUFFERED": "1",
            "MODELGATE_STATE_DIR": str(procs.workdir)}
     proc = procs.start(f"gateway-probes-{mode}",
@@ -96,7 +99,7 @@ def tap_cost(iterations: int = 20_000) -> float:
 
     doc = yaml.safe_load("routes:\n  - name: classifier\n    match: {path_prefix: /v2}\n"
                          "    backends: {blue: {url: 'http://127.0.0.1:1'}}\n    live: blue\n"
-                         + PROBES_YAML)
+                         + PROBES_YAML.replace("{sample}", "1"))
     route = parse_config(doc).routes[0]
     assert route.probes is not None
     tap = RouteProbes(route, route.probes, Recorder())
@@ -128,7 +131,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         procs = bench.Processes(Path(tmp), pin)
         try:
             backend, backend_port = bench.start_model_server(procs)
-            targets = {mode: start_gateway(procs, mode, backend_port) for mode in MODES}
+            targets = {mode: start_gateway(procs, mode, backend_port, args.sample)
+                       for mode in MODES}
             for rnd in range(args.rounds):
                 order = MODES if rnd % 2 == 0 else MODES[::-1]
                 row: dict[str, Any] = {"round": rnd}
@@ -153,7 +157,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     added = statistics.median(r["added_cpu_us"] for r in records)
     return {
         "config": {"rate": args.rate, "seconds": args.seconds, "warmup": args.warmup,
-                   "rounds": args.rounds, "pinned": pin, "cpus": os.cpu_count()},
+                   "rounds": args.rounds, "sample": args.sample, "pinned": pin,
+                   "cpus": os.cpu_count()},
         "summary": {
             "cpu_us_per_request_off": round(off, 1),
             "cpu_us_per_request_on": round(on, 1),
@@ -172,14 +177,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s (default 1000)")
-    p.add_argument("--seconds", type=float, default=4.0, help="measured s per run (default 4)")
+    p.add_argument("--seconds", type=float, default=3.5,
+                   help="measured s per run (default 3.5)")
     p.add_argument("--warmup", type=float, default=1.0, help="uncounted s per run (default 1)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--connections", type=int, default=256, help="open-loop connection cap")
+    p.add_argument("--sample", type=float, default=1.0,
+                   help="probes' sample rate in the 'on' gateway (default 1.0)")
     p.add_argument("--json", metavar="FILE", help="also write the full result here")
     args = p.parse_args(argv)
-    if not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 30 or not 0 < args.rate <= 5000:
-        p.error("rounds 1-20, seconds up to 30, rate up to 5000")
+    if (not 1 <= args.rounds <= 20 or not 0 < args.seconds <= 30 or not 0 < args.rate <= 5000
+            or not 0 <= args.sample <= 1):
+        p.error("rounds 1-20, seconds up to 30, rate up to 5000, sample 0-1")
     try:
         result = run(args)
     except bench.BenchError as exc:
@@ -187,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     s = result["summary"]
     print(f"gateway CPU per request at {args.rate:g} req/s (median of {args.rounds} "
-          f"interleaved rounds):")
+          f"interleaved rounds, probes sample {args.sample:g}):")
     print(f"  probes off  {s['cpu_us_per_request_off']:7.1f} µs   p50 {s['p50_ms']['off']:.3f} "
           f"ms  p99 {s['p99_ms']['off']:.3f} ms")
     print(f"  probes on   {s['cpu_us_per_request_on']:7.1f} µs   p50 {s['p50_ms']['on']:.3f} "

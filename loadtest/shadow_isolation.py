@@ -219,7 +219,8 @@ async def _measure(args: argparse.Namespace) -> dict[str, Any]:
                 return {k: total.get(k, 0) for k in ("dropped", "shadow_errors",
                                                      "shadow_timeouts", "mirrored")}
 
-            await _open_loop(session, proxy_url, args.rate, 1.0, rng)  # warm-up
+            # Warm-up: connections, caches, the first shadow switch.
+            await _open_loop(session, proxy_url, args.rate, min(1.0, args.seconds), rng)
             pid = gateway.pid
             rss_start = _rss_mib(pid)
             peak = [rss_start]

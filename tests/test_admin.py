@@ -37,7 +37,8 @@ def two_routes(blue: ModelServer, green: ModelServer) -> dict[str, Any]:
 
 
 def admin_paths(gw: RunningGateway) -> list[tuple[str, str]]:
-    """(method, concrete path) of every /admin/ endpoint the admin app really serves."""
+    """(method, concrete path) of every /admin/ endpoint the admin app really serves, the
+    components' included: read from its router, so a new endpoint cannot dodge this test."""
     apps = [r.app for r in gw.gateway._runners if isinstance(r, web.AppRunner)]
     assert len(apps) == 1
     found = set()
@@ -102,7 +103,6 @@ async def test_every_admin_endpoint_needs_the_token(blue: ModelServer, green: Mo
                                 {"Authorization": "Bearer"}):
                     r = await anon.request(method, path, json=body, headers=headers)
                     assert_error(r, 401, "unauthorized")
-                    assert "Bearer" not in r.text or "Authorization" in r.text
         # None of those calls changed anything.
         assert await route_state(gw) == before
         assert await events(gw) == []

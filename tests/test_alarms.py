@@ -247,6 +247,9 @@ async def test_threshold_change_at_run_time(blue: ModelServer, green: ModelServe
             assert r.json()["error"] == "invalid_request"
         r = await gw.admin.put("/admin/alarms/nope", json={"threshold": 1})
         assert r.status_code == 404
+        paths = (await gw.admin.get("/admin/openapi.json")).json()["paths"]
+        assert {"get", "put"} <= set(paths["/admin/alarms/{name}"])
+        assert "post" in paths["/admin/routes/{route}/drift/baseline"]
         assert (await gw.admin.get("/admin/alarms/busy")).json()["threshold"] == 10_000
         assert await _actions(gw) == []
 

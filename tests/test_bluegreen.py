@@ -179,24 +179,25 @@ async def test_requests_in_flight_finish_on_the_backend_they_started_on(
                                         headers={"x-user-id": user})
 
         # Blue answers slowly: start requests, switch while they wait on blue.
-        async with slow(blue, 300):
+        async with slow(blue, 500):
             in_flight = [asyncio.create_task(infer(f"a{i}")) for i in range(8)]
             await wait_for(lambda: proxy.in_flight == 8, message="8 requests in flight")
             r = await gw.admin.post("/admin/routes/classifier/switch", json={"to": "green"})
             assert r.status_code == 200, r.text
+            assert not any(t.done() for t in in_flight)  # they are still waiting on blue
             after = await infer("new-user")
             assert after.status_code == 200 and after.json()["model_version"] == "v2"
-            assert proxy.in_flight == 8  # the old ones are still waiting on blue
             old = await asyncio.gather(*in_flight)
         assert [r.status_code for r in old] == [200] * 8
         assert {r.json()["model_version"] for r in old} == {"v1"}
 
         # And back: green slow, roll back while requests wait on green.
-        async with slow(green, 300):
+        async with slow(green, 500):
             in_flight = [asyncio.create_task(infer(f"b{i}")) for i in range(8)]
             await wait_for(lambda: proxy.in_flight == 8, message="8 requests in flight")
             r = await gw.admin.post("/admin/routes/classifier/rollback")
             assert r.status_code == 200, r.text
+            assert not any(t.done() for t in in_flight)
             after = await infer("new-user")
             assert after.status_code == 200 and after.json()["model_version"] == "v1"
             old = await asyncio.gather(*in_flight)

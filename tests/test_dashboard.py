@@ -195,6 +195,7 @@ async def test_series_after_traffic_and_a_switch(blue: ModelServer, green: Model
 
         body = await wait_for(blue_counted, timeout=10, interval=0.2,
                               message="20 blue requests in the dashboard data")
+        assert 1 <= body["summary_seconds"] <= 60  # the last minute, or since start
         route = body["routes"][0]
         assert route["state"]["live"] == "blue"
         assert set(route["backends"]) == {"blue", "green"}

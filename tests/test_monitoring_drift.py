@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import math
 import random
 from typing import Any
 
+import orjson
 import pytest
 
+from gateway.cli import main
 from gateway.monitoring.component import Monitoring
 from gateway.monitoring.drift import Baseline, compare, families, psi
 from tests.helpers import (
     INFER,
+    TOKEN,
     ModelServer,
     classifier_config,
     infer_body,
@@ -116,6 +122,26 @@ async def test_drift_vs_live_and_vs_baseline(blue: ModelServer, green: ModelServ
         r = await gw.admin.get("/admin/routes/nope/drift")
         assert r.status_code == 404
 
+        table = await _cli(["drift", "classifier", "--admin", gw.admin_url, "--token", TOKEN])
+        assert "blue (live)" in table and "feature petal_length" in table
+        out = await _cli(["drift", "classifier", "--baseline", "--window", "30s", "--reason",
+                          "cli", "--json", "--admin", gw.admin_url, "--token", TOKEN])
+        assert orjson.loads(out)["baseline"]["window"] == 30
+        probes = await _cli(["probes", "classifier", "--admin", gw.admin_url, "--token", TOKEN])
+        assert "null rate" in probes and "green" in probes
+
         metrics = (await gw.admin.get("/metrics")).text
         assert ('modelgate_drift_psi{against="live",backend="green",family="labels",'
                 'route="classifier"}') in metrics
+
+
+async def _cli(argv: list[str]) -> str:
+    """Run the (synchronous) CLI in a thread: the gateway shares this loop."""
+    buf = io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(buf):
+            return main(argv)
+
+    assert await asyncio.to_thread(run) == 0, buf.getvalue()
+    return buf.getvalue()

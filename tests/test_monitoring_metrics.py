@@ -72,7 +72,7 @@ async def test_exposition_has_the_contract_names(blue: ModelServer, green: Model
     )
     async with running_gateway(config, components=[Monitoring]) as gw:
         for rows in ([[5.1, None, 1.4, 0.2]], [[6.0, 3.0, 4.5, 1.5], [None, 3.0, 5.0, 2.0]]):
-            r = await gw.client.post(INFER, json=infer_body(rows))  # type: ignore[arg-type]
+            r = await gw.client.post(INFER, json=infer_body(rows))
             assert r.status_code == 200
         r = await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]),
                                  headers={"x-modelgate-backend": "green"})

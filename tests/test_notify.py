@@ -33,7 +33,7 @@ async def test_delivers_every_event_as_json_with_its_kind() -> None:
         try:
             notifier.offer(event(1, "rollout_start"))
             notifier.offer(event(2, "alarm_firing"))
-            await wait_for(lambda: len(hook.received) == 2, message="2 webhooks")
+            await wait_for(lambda: notifier.counts()[hook.url].sent == 2, message="2 webhooks")
         finally:
             await notifier.stop()
     first, second = hook.received

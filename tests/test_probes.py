@@ -191,7 +191,7 @@ async def test_probe_counts_through_the_gateway(blue: ModelServer, green: ModelS
             clean = [[0.0 if v is None else v for v in row] for row in rows]
             for label, _ in predict("v1", clean):
                 expected_labels[label] = expected_labels.get(label, 0) + 1
-            r = await gw.client.post(INFER, json=infer_body(rows))  # type: ignore[arg-type]
+            r = await gw.client.post(INFER, json=infer_body(rows))
             assert r.status_code == 200
         r = await gw.client.post(INFER, content=b"{not json",
                                  headers={"content-type": "application/json"})

@@ -154,7 +154,7 @@ async def raw_server(handler: RawHandler) -> AsyncIterator[str]:
     async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        tasks.add(task)  # type: ignore[arg-type]
+        tasks.add(task)
         writers.append(writer)
         try:
             await handler(reader, writer)
@@ -540,6 +540,29 @@ async def test_unknown_route_is_404_json(echo: Echo, kind: str) -> None:
         assert_json_error(await gw.client.post("/echoes", content=b"x"), 404, "no_route")
 
 
+async def test_dot_segments_are_refused(echo: Echo, kind: str) -> None:
+    """Routing on "/public" while the backend resolves "/public/../internal" to "/internal"
+    would expose paths no route allows: such targets are refused, not forwarded."""
+    cfg = config(route("public", "/public", echo.url))
+    async with running_gateway(cfg, upstream_kind=kind) as gw:
+        port = gw.gateway.addresses[0][1]
+        for target in (b"/public/../internal", b"/public/%2e%2e/internal", b"/public/./x",
+                       b"/public/x/.."):
+            reader, writer = await raw_request(
+                port, b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+            try:
+                answer = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 "), (target, head)
+            assert orjson.loads(body)["error"] == "bad_path"
+        # Dots inside a segment are ordinary names.
+        for path in ("/public/.well-known/x", "/public/a..b", "/public/v1.2/..x"):
+            r = await gw.client.get(path)
+            assert r.status_code == 200 and r.json()["target"] == path
+
+
 async def test_backend_refused_is_502_json(kind: str) -> None:
     async with refusing_port() as url, \
             running_gateway(config(route("r", "/", url)), upstream_kind=kind) as gw:
@@ -630,7 +653,7 @@ async def test_slow_model_server_is_504_and_fast_one_is_fine(blue: ModelServer, 
     async with running_gateway(cfg, upstream_kind=kind) as gw, httpx.AsyncClient() as direct:
         r = await gw.client.post(INFER, json=infer_body([ROW]))
         assert r.status_code == 200
-        await direct.post(f"{blue.url}/faults", json={"latency_ms": 1000})
+        await direct.post(f"{blue.url}/faults", json={"latency_ms": 600})
         assert_json_error(await gw.client.post(INFER, json=infer_body([ROW])), 504)
         await direct.post(f"{blue.url}/faults", json={"latency_ms": 0})
         r = await gw.client.post(INFER, json=infer_body([ROW]))
@@ -661,18 +684,18 @@ async def test_keep_alive_client_many_sequential_requests(echo: Echo, kind: str)
             base_url=gw.url, limits=httpx.Limits(max_connections=1), timeout=30,
         ) as client:
             for i in range(100):
-                kind = i % 5
-                if kind == 0:
+                shape = i % 5
+                if shape == 0:
                     r = await client.get(f"/seq/{i}?i={i}")
                     assert r.json()["target"] == f"/seq/{i}?i={i}"
-                elif kind == 1:
+                elif shape == 1:
                     body = pattern(i * 97)
                     r = await client.post(f"/seq/{i}", content=body)
                     assert r.json()["sha256"] == hashlib.sha256(body).hexdigest()
-                elif kind == 2:
+                elif shape == 2:
                     r = await client.get(f"/blob/{200_000 + i}")
                     assert r.content == pattern(200_000 + i)
-                elif kind == 3:
+                elif shape == 3:
                     r = await client.head(f"/blob/{i}")
                     assert r.status_code == 200 and r.content == b""
                 else:

@@ -251,8 +251,8 @@ async def test_stalled_shadow_fills_queue_and_drops(blue: ModelServer) -> None:
                 assert rep["total"]["mirrored"] == 0
                 metrics = (await gw.admin.get("/metrics")).text
                 dropped = rep["total"]["dropped"]
-                assert (f'modelgate_shadow_dropped_total{{backend="green",route="classifier"}} '
-                        f'{dropped:.1f}') in metrics
+                assert ('modelgate_shadow_dropped_total{backend="green",reason="queue",'
+                        f'route="classifier"}} {dropped:.1f}') in metrics
         finally:
             rec.release.set()
 
@@ -316,9 +316,50 @@ async def test_down_shadow_counts_errors_clients_unaffected(blue: ModelServer,
                                     for _ in range(30)))
         assert [r.status_code for r in rs] == [200] * 30
         rep = await wait_mirrored(gw, 30)
-        assert rep["total"]["shadow_errors"] == 30
-        assert rep["total"]["compared"] == 0
-        assert rep["total"]["agreement_rate"] is None
+        total = rep["total"]
+        # A few copies find the shadow refusing connections; then it is skipped for a while
+        # (a failed connect costs as much CPU as a proxied request).
+        assert total["shadow_errors"] >= 5
+        assert total["shadow_errors"] + total["dropped_shadow_down"] == 30
+        assert total["dropped"] == total["dropped_shadow_down"]
+        assert total["compared"] == 0
+        assert total["agreement_rate"] is None
+
+
+async def test_shadow_that_comes_back_is_used_again(blue: ModelServer,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import gateway.shadow.component as component
+    from gateway.demo.model_server import build_app
+
+    monkeypatch.setattr(component, "BREAKER_COOLDOWN", 0.2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = classifier_config(blue.url, f"http://127.0.0.1:{port}",
+                               shadow={"backend": "green", "senders": 1})
+    async with running_gateway(config) as gw:
+        for _ in range(10):
+            assert (await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
+                    ).status_code == 200
+        rep = await wait_mirrored(gw, 10)
+        total = rep["total"]
+        assert total["shadow_errors"] >= 5  # 5 refusals in a row open the breaker
+        assert total["dropped_shadow_down"] > 0
+        assert total["shadow_errors"] + total["dropped_shadow_down"] == 10
+        runner = web.AppRunner(build_app("v2"), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            async def agreed() -> bool:
+                r = await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
+                assert r.status_code == 200
+                return bool((await report(gw))["total"]["agree"])
+
+            await wait_for(agreed, timeout=10, interval=0.05, message="the shadow is back")
+        finally:
+            await runner.cleanup()
 
 
 @pytest.mark.parametrize("upstream", ["aiohttp", "fast"])

@@ -347,6 +347,7 @@ class DashboardData:
             "time": gateway.clock(),
             "minutes": params.minutes,
             "step": params.step,
+            "summary_seconds": recent,
             "routes": routes,
             "shadow_available": _agreement_fn(gateway) is not None,
             "alarms": _alarms(gateway),

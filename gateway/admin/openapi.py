@@ -73,6 +73,15 @@ CORE_PATHS: dict[str, Any] = {
                        **_REASON}}),
         "delete": _op("Stop mirroring"),
     },
+    "/dashboard": {"get": _op("The live monitoring dashboard (HTML; asks for the token)",
+                              route=False, auth=False)},
+    "/admin/dashboard/data": {"get": _op("Dashboard series, route states, alarms and events",
+                                         route=False, query=[
+        {"name": "minutes", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                      "maximum": 15}},
+        {"name": "step", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                   "maximum": 60}},
+        {"name": "route", "in": "query", "schema": {"type": "string"}}])},
     "/admin/events": {"get": _op("Audit events, newest last", route=False, query=[
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                     "maximum": 10000}},

@@ -33,6 +33,8 @@ class AlarmStatus:
     value: float | None = None
     backend: str | None = None  # the backend the value came from
     samples: float = 0.0
+    last_value: float | None = None  # the previous evaluation's (events show the change)
+    last_backend: str | None = None
 
     def to_json(self) -> dict[str, object]:
         rule = self.rule

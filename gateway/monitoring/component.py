@@ -185,6 +185,7 @@ class Monitoring:
             if rule.metric != "rps" and samples < rule.min_samples:
                 value = None
             candidates.append((backend, None if value is None else round(value, 6), samples))
+        status.last_backend, status.last_value = status.backend, status.value
         status.backend, status.value, status.samples = worst(rule.op, candidates)
         return advance(status, breaches(rule.op, status.value, status.threshold), now)
 
@@ -212,12 +213,15 @@ class Monitoring:
         log.log(logging.WARNING if change == "firing" else logging.INFO, reason,
                 extra={"event": action, "route": rule.route, "backend": status.backend,
                        "alarm": rule.name, "value": status.value})
+        # Same keys on both sides, so a diff of the event shows what changed: state and value.
+        common = {"alarm": rule.name, "metric": rule.metric, "threshold": status.threshold,
+                  "window": rule.window}
         await self.gateway.control.record(
             rule.route, "monitoring", action,
-            {"alarm": rule.name, "state": before},
-            {"alarm": rule.name, "state": status.state, "metric": rule.metric,
-             "backend": status.backend, "value": status.value,
-             "threshold": status.threshold, "window": rule.window},
+            {**common, "state": before, "backend": status.last_backend,
+             "value": status.last_value},
+            {**common, "state": status.state, "backend": status.backend,
+             "value": status.value},
             reason,
         )
 

@@ -443,10 +443,12 @@ class RouteProbes:
             return
         if exchange.method not in self.methods:
             return
-        if self.suffix is not None and not exchange.target.split("?", 1)[0].endswith(
-            self.suffix
-        ):
-            return
+        suffix = self.suffix
+        if suffix is not None:
+            target = exchange.target
+            query = target.find("?")
+            if not (target if query < 0 else target[:query]).endswith(suffix):
+                return
         stats = self.stats.get(exchange.backend)
         if stats is None:
             return

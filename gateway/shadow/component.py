@@ -14,7 +14,12 @@ How a copy travels, and why the client never notices:
    JSON line for the comparison log (gateway.shadow.log).
 
 Each route has its own queue and senders, so a slow shadow on one route cannot cause drops on
-another. Reports: ``GET /admin/routes/{route}/shadow``, Prometheus ``modelgate_shadow_*``,
+another. A shadow that refuses connections BREAKER_FAILURES times in a row is not dialled for
+BREAKER_COOLDOWN seconds (copies are dropped, counted as ``shadow_down``): a failed connect costs
+the gateway about as much CPU as a proxied request. Changing the shadow drops the copies still
+queued for the old one.
+
+Reports: ``GET /admin/routes/{route}/shadow``, Prometheus ``modelgate_shadow_*``,
 ``modelgate shadow-report ROUTE``, and `agreement()` for the rollout gates.
 """
 
@@ -36,7 +41,13 @@ from prometheus_client.core import (
 )
 
 from gateway.config import RouteConfig, Timeouts
-from gateway.errors import ConfigError, InvalidRequest, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    ConfigError,
+    InvalidRequest,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.jsonpath import MISSING
 from gateway.metrics import FINE_BOUNDS, PROM_BOUNDS
 from gateway.routing import Backend, Exchange, Tap, bucket_of, threshold
@@ -57,13 +68,17 @@ SHADOW_HEADER = "X-Modelgate-Shadow"
 _SKIP_HEADERS = frozenset({SHADOW_HEADER.lower(), "expect"})
 _PROM_INDEX = tuple(FINE_BOUNDS.index(b) for b in PROM_BOUNDS)
 DROP_WARNING_EVERY = 60.0
+# A shadow refusing connections is skipped for a while instead of being dialled per copy:
+# a failed connect costs about as much CPU as proxying a request.
+BREAKER_FAILURES = 5
+BREAKER_COOLDOWN = 1.0
 
 
 class _Lane:
     """One route's bounded queue of copies and the senders draining it."""
 
     __slots__ = ("route", "config", "queue", "queued_bytes", "tasks", "timeouts",
-                 "comparator", "log", "last_warning", "target")
+                 "comparator", "log", "last_warning", "target", "failures", "down_until")
 
     def __init__(self, route: RouteConfig, config: ShadowConfig) -> None:
         self.route = route.name
@@ -77,6 +92,11 @@ class _Lane:
         self.log: ComparisonLog | None = None
         self.last_warning = 0.0
         self.target: str | None = None  # the shadow backend copies are queued for
+        self.failures = 0  # refused connections in a row
+        self.down_until = 0.0  # monotonic time until which copies are not sent
+
+    def shadow_down(self) -> bool:
+        return self.down_until > 0 and time.monotonic() < self.down_until
 
     def retarget(self, target: str | None) -> None:
         """The shadow changed: copies queued for another backend are dropped (and counted),
@@ -84,6 +104,8 @@ class _Lane:
         if target == self.target:
             return
         self.target = target
+        self.failures = 0
+        self.down_until = 0.0
         kept = []
         while not self.queue.empty():
             item = self.queue.get_nowait()
@@ -201,16 +223,24 @@ class Shadowing:
         if tap.backend.name != lane.target:  # began before the shadow changed: not wanted
             tap.stats.drop()
             return
+        if lane.down_until and lane.shadow_down():
+            tap.stats.drop(shadow_down=True)
+            return
         if lane.queued_bytes + size > lane.config.queue_bytes or lane.queue.full():
             tap.stats.drop()
-            now = time.monotonic()
-            if now - lane.last_warning > DROP_WARNING_EVERY:
-                lane.last_warning = now
-                log.warning("shadow queue of route %s is full: dropping copies (shadow %s is "
-                            "slow or down)", lane.route, tap.backend.name)
+            self._warn(lane, f"shadow queue of route {lane.route} is full: dropping copies "
+                             f"(shadow {tap.backend.name} is slow)")
             return
         lane.queue.put_nowait((tap, exchange, size))
         lane.queued_bytes += size
+
+    @staticmethod
+    def _warn(lane: _Lane, message: str) -> None:
+        """At most one warning a minute per route: drops come in floods."""
+        now = time.monotonic()
+        if now - lane.last_warning > DROP_WARNING_EVERY:
+            lane.last_warning = now
+            log.warning(message)
 
     # -- sending and comparing -----------------------------------------------------------------
     async def _sender(self, lane: _Lane) -> None:
@@ -224,6 +254,9 @@ class Shadowing:
                 log.exception("shadow copy on route %s failed", lane.route)
 
     async def _mirror(self, lane: _Lane, tap: ShadowTap, ex: Exchange) -> None:
+        if lane.down_until and lane.shadow_down():
+            tap.stats.drop(shadow_down=True)
+            return
         headers: Headers = [(k, v) for k, v in ex.request_headers
                             if k.lower() not in _SKIP_HEADERS]
         headers.append((SHADOW_HEADER, "1"))
@@ -242,8 +275,18 @@ class Shadowing:
                     resp.close()
             status = resp.status
             shadow_headers = resp.headers
+            lane.failures = 0
+            lane.down_until = 0.0
         except UpstreamTimeout:
             error = "timeout"
+        except UpstreamConnectError as exc:
+            error = exc.kind
+            lane.failures += 1
+            if lane.failures >= BREAKER_FAILURES:
+                lane.down_until = time.monotonic() + BREAKER_COOLDOWN
+                self._warn(lane, f"shadow {tap.backend.name} of route {lane.route} refuses "
+                                 f"connections ({exc}): copies are dropped, retrying every "
+                                 f"{BREAKER_COOLDOWN:g}s")
         except UpstreamError as exc:
             error = exc.kind
         shadow_latency = time.perf_counter() - started
@@ -434,8 +477,9 @@ class Shadowing:
             "live_error, shadow_error, shadow_timeout, unparsed).",
             labels=["route", "backend", "outcome"])
         dropped = CounterMetricFamily(
-            "modelgate_shadow_dropped", "Copies dropped because the shadow queue was full.",
-            labels=["route", "backend"])
+            "modelgate_shadow_dropped", "Copies not sent: reason=queue (full, shadow changed, "
+            "shutdown) or shadow_down (refusing connections, in back-off).",
+            labels=["route", "backend", "reason"])
         elements = CounterMetricFamily(
             "modelgate_shadow_elements", "Compared prediction elements (rows, labels, values).",
             labels=["route", "backend", "result"])
@@ -464,7 +508,8 @@ class Shadowing:
             labels = [route, backend]
             for outcome in OUTCOMES:
                 requests.add_metric([*labels, outcome], total.outcomes[outcome])
-            dropped.add_metric(labels, total.dropped)
+            dropped.add_metric([*labels, "queue"], total.dropped - total.dropped_down)
+            dropped.add_metric([*labels, "shadow_down"], total.dropped_down)
             elements.add_metric([*labels, "agree"], total.elements_agree)
             elements.add_metric([*labels, "disagree"], total.elements - total.elements_agree)
             for (live, shadow), n in total.confusion.items():

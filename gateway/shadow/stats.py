@@ -27,7 +27,7 @@ class Tally:
     """Counts for one second (or since start); summed into windows by `merge`."""
 
     __slots__ = (
-        "second", "outcomes", "dropped", "elements", "elements_agree", "labels",
+        "second", "outcomes", "dropped", "dropped_down", "elements", "elements_agree", "labels",
         "labels_agree", "numbers", "numbers_agree", "delta_sum", "delta_max", "texts",
         "texts_agree", "similarity_sum", "mismatched", "confusion", "live_hist",
         "shadow_hist", "live_sum", "shadow_sum",
@@ -37,6 +37,7 @@ class Tally:
         self.second = second
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.dropped = 0
+        self.dropped_down = 0  # of which: not sent because the shadow was down (back-off)
         self.elements = 0
         self.elements_agree = 0
         self.labels = 0
@@ -94,6 +95,7 @@ class Tally:
         for name, n in other.outcomes.items():
             self.outcomes[name] += n
         self.dropped += other.dropped
+        self.dropped_down += other.dropped_down
         self.elements += other.elements
         self.elements_agree += other.elements_agree
         self.labels += other.labels
@@ -136,6 +138,7 @@ class Tally:
             "agree": o["agree"],
             "disagree": o["disagree"],
             "dropped": self.dropped,
+            "dropped_shadow_down": self.dropped_down,
             "live_errors": o["live_error"],
             "shadow_errors": o["shadow_error"],
             "shadow_timeouts": o["shadow_timeout"],
@@ -210,9 +213,14 @@ class ShadowStats:
         self._slot().add(outcome, live_latency, shadow_latency, comparison)
         self.total.add(outcome, live_latency, shadow_latency, comparison)
 
-    def drop(self) -> None:
-        self._slot().dropped += 1
+    def drop(self, shadow_down: bool = False) -> None:
+        """A copy not sent: queue full, shadow changed, shutdown, or the shadow is down."""
+        slot = self._slot()
+        slot.dropped += 1
         self.total.dropped += 1
+        if shadow_down:
+            slot.dropped_down += 1
+            self.total.dropped_down += 1
 
     def window_tally(self, seconds: float | None = None) -> Tally:
         """The sum of the last `seconds` (at most the configured window; current second in)."""

@@ -351,7 +351,16 @@ class _Conn(asyncio.Protocol):
         try:
             if stream is not None:
                 transport.write(head)
-                await self._write_stream(stream)
+                try:
+                    await self._write_stream(stream)
+                except (UpstreamError, asyncio.CancelledError):
+                    raise
+                except Exception as exc:
+                    # The caller's body iterator failed (client went away, body too large):
+                    # keep the contract, every error before the response is an UpstreamError.
+                    raise UpstreamResetError(
+                        f"{self.pool.origin}: request body failed: {exc!r}"
+                    ) from exc
             elif payload is None:
                 transport.write(head)
             elif len(payload) <= COALESCE:

@@ -298,7 +298,7 @@
       el("b", { "data-testid": testid }, value));
   }
 
-  function renderHead(r) {
+  function renderHead(r, recent) {
     const s = r.state;
     const names = Object.keys(r.backends);
     const total = names.reduce((sum, b) => sum + r.summary[b].rps, 0);
@@ -328,7 +328,7 @@
         badge("shadow", "SHADOW", s.shadow ? `${s.shadow.backend} ${s.shadow.sample}%` : "off",
           "shadow-" + r.name),
         el("span", { class: "big" }, el("b", { "data-testid": "rps-" + r.name }, num(total, 2)),
-          " req/s", el("span", { class: "muted" }, " last min"))),
+          " req/s", el("span", { class: "muted" }, ` last ${duration(recent)}`))),
       el("table", { class: "backends" },
         el("thead", null, el("tr", null, ...["backend", "role", "req/s", "p50 ms", "p99 ms",
           "errors", "non-null", "missing"].map((h) => el("th", null, h)))),
@@ -402,7 +402,7 @@
       layout = shape;
     }
     for (const r of data.routes) {
-      renderHead(r);
+      renderHead(r, data.summary_seconds);
       updateCharts(r);
     }
     renderAlarms(data.alarms);
