@@ -14,6 +14,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from operator import add
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -180,9 +181,8 @@ class BackendStats:
             summary.requests += slot.requests
             summary.errors += slot.errors
             summary.latency_sum += slot.latency_sum
-            for i, n in enumerate(slot.hist):
-                if n:
-                    hist[i] += n
+            if slot.requests:
+                hist[:] = map(add, hist, slot.hist)
             for name, value in slot.counters.items():
                 summary.counters[name] = summary.counters.get(name, 0.0) + value
         return summary
@@ -198,9 +198,8 @@ class BackendStats:
             b.requests += slot.requests
             b.errors += slot.errors
             b.latency_sum += slot.latency_sum
-            for i, c in enumerate(slot.hist):
-                if c:
-                    b.hist[i] += c
+            if slot.requests:
+                b.hist[:] = map(add, b.hist, slot.hist)
             for name, value in slot.counters.items():
                 b.counters[name] = b.counters.get(name, 0.0) + value
         return buckets

@@ -21,6 +21,7 @@ from typing import Any
 from gateway.admin.auth import TOKEN_ENV, generate_token_file
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.logs import setup_logging
 
 log = logging.getLogger("modelgate")
 
@@ -28,35 +29,6 @@ UPSTREAM_KINDS = ("aiohttp", "fast")
 NEEDS_SHARED_STORE = (
     "--workers > 1 needs a shared store (store: redis://...), which comes with the Redis store"
 )
-# LogRecord attributes that are not `extra=` fields.
-_RECORD_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
-    "message", "asctime", "taskName",
-}
-
-
-class _ExtraFormatter(logging.Formatter):
-    """Plain lines with the record's ``extra=`` fields appended as key=value (access log)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        extra = [f"{k}={v}" for k, v in vars(record).items() if k not in _RECORD_FIELDS]
-        return f"{line} {' '.join(extra)}" if extra else line
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Log to stderr (stdout is for the ready line and instructions)."""
-    root = logging.getLogger()
-    if any(getattr(h, "_modelgate", False) for h in root.handlers):
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ExtraFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler._modelgate = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
-    # aiohttp logs every client disconnect at INFO/DEBUG; keep the operator's terminal useful.
-    logging.getLogger("aiohttp").setLevel(logging.WARNING)
-
-
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed (the default on Linux/macOS), else asyncio's."""
     try:
@@ -188,7 +160,7 @@ async def stop_gracefully(gateway: Any, signals: StopSignals) -> None:
     await gateway.stop(drain_timeout=0)
 
 
-async def serve(config: GatewayConfig, upstream: str = "aiohttp") -> int:
+async def serve(config: GatewayConfig, upstream: str = "fast") -> int:
     """Start a gateway, print where it listens, run until a signal, then stop it cleanly."""
     from gateway.app import Gateway
 
@@ -225,7 +197,8 @@ async def serve(config: GatewayConfig, upstream: str = "aiohttp") -> int:
     return 0
 
 
-def run_server(config_path: str, workers: int = 1, upstream: str = "aiohttp") -> int:
+def run_server(config_path: str, workers: int = 1, upstream: str = "fast",
+               log_level: str = "info", log_format: str = "json") -> int:
     """`modelgate serve`: the exit code (2: bad config or options; 1: cannot listen)."""
     try:
         config = load_config(config_path)
@@ -236,5 +209,5 @@ def run_server(config_path: str, workers: int = 1, upstream: str = "aiohttp") ->
     if problem is not None:
         print(f"modelgate: {problem}", file=sys.stderr)
         return 2
-    setup_logging()
+    setup_logging(log_level, log_format)
     return run_async(serve(config, upstream))

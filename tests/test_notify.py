@@ -87,7 +87,8 @@ async def test_rollout_webhooks_and_a_hanging_receiver_never_delays_the_controll
             async with Traffic(gw.client) as traffic:
                 await traffic.more(20)
                 body = {"backend": "green", "steps": [20, 100], "interval": "200ms",
-                        "check_interval": "100ms", "gates": {"max_error_rate": 0.1,
+                        "check_interval": "100ms", "window": "10s",
+                        "gates": {"max_error_rate": 0.1,
                                                              "min_requests": 5}}
                 r = await gw.admin.post(ROLLOUT, json=body)
                 assert r.status_code == 201, r.text

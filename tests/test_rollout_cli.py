@@ -4,6 +4,7 @@ user's shell would run it beside the gateway)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from pathlib import Path
 
@@ -95,7 +96,7 @@ async def test_status_watch_follows_a_rollout_to_the_end(
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({
         "backend": "green", "steps": [20, 100], "interval": "300ms", "check_interval": "100ms",
-        "gates": {"max_error_rate": 0.05, "min_requests": 50}}))
+        "window": "10s", "gates": {"max_error_rate": 0.05, "min_requests": 50}}))
     async with running_gateway(classifier_config(blue.url, green.url)) as gw:
         url = gw.admin_url
         async with Traffic(gw.client) as traffic:
@@ -116,7 +117,7 @@ async def test_status_watch_follows_a_rollout_to_the_end(
             code, _, err = await run(capsys, cli(url, "start", ROUTE, "--backend", "blue",
                                                  "--steps", "50", "--interval", "200ms",
                                                  "--check-interval", "100ms",
-                                                 "--min-requests", "5"))
+                                                 "--window", "10s", "--min-requests", "5"))
             assert code == 0, err
             code, out, err = await run(capsys, cli(url, "status", ROUTE, "--watch",
                                                    "--every", "0.1"))
@@ -142,7 +143,7 @@ def test_render_shows_steps_weight_time_and_gates() -> None:
                                  {"name": "min_requests", "value": 400.0, "limit": 100.0,
                                   "verdict": "pass", "detail": ""}]},
     }
-    console = Console(width=120, record=True, color_system=None)
+    console = Console(width=120, record=True, color_system=None, file=io.StringIO())
     console.print(render(view))
     text = console.export_text()
     assert "[50%]" in text and "12.5s of 30s bake" in text and "step 2/3" in text

@@ -32,8 +32,9 @@ def register(sub: Any) -> None:
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="config file (YAML)")
     p.add_argument("--workers", type=int, default=1,
                    help="worker processes (more than 1 needs a shared store)")
-    p.add_argument("--upstream", choices=UPSTREAM_KINDS, default="aiohttp",
-                   help="upstream client: aiohttp (default) or fast (httptools pool)")
+    p.add_argument("--upstream", choices=UPSTREAM_KINDS, default="fast",
+                   help="upstream client: fast (httptools keep-alive pool, default) or aiohttp")
+    add_log_arguments(p, default_format="json")
     p.set_defaults(func=serve)
 
     p = sub.add_parser("check-config", help="validate a config file")
@@ -83,11 +84,21 @@ def register(sub: Any) -> None:
     p.set_defaults(func=events)
 
 
+def add_log_arguments(parser: argparse.ArgumentParser, default_format: str) -> None:
+    from gateway.logs import FORMATS, LEVELS
+
+    parser.add_argument("--log-level", choices=LEVELS, default="info",
+                        help="log level (default %(default)s)")
+    parser.add_argument("--log-format", choices=FORMATS, default=default_format,
+                        help="log lines as JSON objects or text (default %(default)s)")
+
+
 # -- local commands ----------------------------------------------------------------------------
 def serve(args: argparse.Namespace) -> int:
     from gateway.serve import run_server
 
-    return run_server(args.config, workers=args.workers, upstream=args.upstream)
+    return run_server(args.config, workers=args.workers, upstream=args.upstream,
+                      log_level=args.log_level, log_format=args.log_format)
 
 
 def check_config(args: argparse.Namespace) -> int:

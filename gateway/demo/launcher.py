@@ -23,13 +23,13 @@ from gateway.admin.auth import TOKEN_ENV
 from gateway.config import GatewayConfig, load_config
 from gateway.demo.model_server import start_model_server
 from gateway.errors import AdminError, ConfigError
+from gateway.logs import setup_logging
 from gateway.serve import (
     AdminToken,
     StopSignals,
     describe_addresses,
     env_tokens,
     run_async,
-    setup_logging,
     stop_gracefully,
 )
 
@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also mirror all traffic to green (shadow mode) from the start")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="gateway config (default: configs/demo.yaml)")
+    from gateway.cli.core import add_log_arguments
+
+    add_log_arguments(parser, default_format="text")
 
 
 @contextlib.contextmanager
@@ -199,6 +202,6 @@ async def demo(args: argparse.Namespace) -> int:
 
 def run_demo(args: argparse.Namespace) -> int:
     """`modelgate demo`: the exit code (0 after Ctrl-C/SIGTERM)."""
-    setup_logging()
+    setup_logging(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     return run_async(demo(args))
 
