@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.store import InMemoryStore
 from tests.helpers import ModelServer, classifier_config, model_server, running_gateway, wait_for
 from tests.test_rollout_support import (
     ROLLOUT,
@@ -257,3 +258,24 @@ async def test_start_refuses_a_candidate_that_is_not_ready(blue: ModelServer) ->
         r = await gw.admin.post(ROLLOUT, json=plan(force=True, interval="30s"))
         assert r.status_code == 201, r.text
         assert gw.gateway.control.state(ROUTE).canary_weight == 10
+
+
+async def test_a_new_gateway_takes_over_a_running_rollout_from_the_store(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    """The rollout lives in the store, not in the process: a restarted gateway (or, later,
+    another replica's controller) carries on where the last one stopped."""
+    store = InMemoryStore()
+    cfg = classifier_config(blue.url, green.url)
+    async with running_gateway(cfg, store=store) as gw:
+        r = await gw.admin.post(ROLLOUT, json=plan(steps=[10, 100], interval="300ms"))
+        assert r.status_code == 201, r.text
+    doc = await store.read(f"rollout/{ROUTE}")
+    assert doc is not None and doc[0]["phase"] == "progressing"
+    async with running_gateway(cfg, store=store) as gw:
+        assert gw.gateway.control.state(ROUTE).canary_weight in (10, 100)
+        async with Traffic(gw.client) as traffic:
+            view = await wait_phase(gw, "promoted", "rolled_back")
+            assert view["phase"] == "promoted", view
+        assert gw.gateway.control.state(ROUTE).live == "green"
+        assert traffic.count > 0

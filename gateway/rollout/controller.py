@@ -100,10 +100,6 @@ class Decision:
     # The verdict differs from the previous check's: worth an audit event even on a hold.
     verdict_changed: bool = False
 
-    @property
-    def weight_change(self) -> bool:
-        return self.action != "hold"
-
 
 def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPlan) -> Decision:
     """One tick of the controller (pure)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,6 +16,7 @@ from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetErr
 from gateway.upstream import Body, Headers
 
 POOL_LIMIT = 512
+LARGE_BODY = 1024 * 1024
 _SKIP_PAYLOAD_HEADERS: CIMultiDict[None] = CIMultiDict([(hdrs.CONTENT_TYPE, None)])
 
 
@@ -105,7 +107,10 @@ class AiohttpUpstream:
                 method,
                 URL(self.origin + target, encoded=True),
                 headers=headers,
-                data=body,
+                # aiohttp warns (ResourceWarning) on in-memory bodies over 1 MiB: a file-like
+                # object sends the same bytes without the copy it worries about.
+                data=io.BytesIO(body) if isinstance(body, bytes) and len(body) > LARGE_BODY
+                else body,
                 timeout=timeout,
                 allow_redirects=False,
                 compress=None,
