@@ -71,7 +71,7 @@ class Gateway:
         config: GatewayConfig,
         *,
         store: Store | None = None,
-        upstream_kind: str = "aiohttp",
+        upstream_kind: str = "fast",
         admin_token: dict[str, str] | None = None,
         components: list[ComponentFactory] | None = None,
         clock: Callable[[], float] = time.time,

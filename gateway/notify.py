@@ -132,7 +132,11 @@ class Notifier:
     async def _send_loop(self, target: _Target) -> None:
         while True:
             body = await target.queue.get()
-            await self._deliver(target, body)
+            try:
+                await self._deliver(target, body)
+            except Exception:  # a bug or odd URL must not end deliveries for good
+                target.counts.failed += 1
+                log.exception("webhook %s: delivery crashed", target.url)
 
     async def _deliver(self, target: _Target, body: bytes) -> None:
         assert self._session is not None

@@ -132,6 +132,9 @@ class LoadResult:
     achieved_rate: float  # responses (any status) per second of the measured window
     latency_ms: dict[str, float]  # of the 2xx responses
     lag_ms: dict[str, float]  # how late the generator itself sent (timer slack), p50/p99/max
+    # From the actual send instead of the intended time: without the generator's own lag and
+    # the wait for a free connection. A diagnostic only: it hides stalls (coordinated omission).
+    service_ms: dict[str, float]
     connections: int  # connections opened
 
     @property
@@ -205,6 +208,7 @@ class _Pool:
         self.outstanding = 0
         self.next_request = 0
         self.latencies: list[float] = []
+        self.service: list[float] = []
         self.lags: list[float] = []
         self.errors: Counter[str] = Counter()
         self.count = 0
@@ -293,6 +297,7 @@ class _Pool:
             if 200 <= status < 300:
                 self.ok += 1
                 self.latencies.append(now - conn.intended)
+                self.service.append(now - conn.sent_at)
             else:
                 self.errors[f"status_{status // 100}xx"] += 1
         self._check_idle()
@@ -456,6 +461,7 @@ async def open_loop(
         latency_ms=latency_summary(pool.latencies),
         lag_ms={k: v for k, v in latency_summary(pool.lags).items()
                 if k in ("p50", "p99", "max")},
+        service_ms=latency_summary(pool.service),
         connections=pool.opened,
     )
 
@@ -845,6 +851,9 @@ def summarize(records: list[RunRecord], targets: Sequence[str]) -> dict[str, dic
             "count": sum(r.open_loop["count"] for r in mine if r.open_loop),
             **{q: median([x[q] for x in lat]) for q in ("p50", "p90", "p99", "p99.9")},
             "lag_p99": median([r.open_loop["lag_ms"]["p99"] for r in mine if r.open_loop]),
+            **{f"service_{q}": median([r.open_loop["service_ms"][q] for r in mine
+                                       if r.open_loop and "service_ms" in r.open_loop])
+               for q in ("p50", "p99")},
             "open_cpu_us": median([r.open_cpu_us for r in mine]),
             "closed_rps": median([r.closed_rps for r in mine]),
             "closed_errors": sum(r.closed_errors for r in mine),

@@ -95,7 +95,7 @@ class RunningGateway:
 
 @asynccontextmanager
 async def running_gateway(
-    config: dict[str, Any], *, upstream_kind: str = "aiohttp",
+    config: dict[str, Any], *, upstream_kind: str = "fast",
     components: list[ComponentFactory] | None = None, **kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
     gateway = Gateway(parse_config(config), admin_token={"admin": TOKEN},

@@ -150,3 +150,17 @@ def test_render_shows_steps_weight_time_and_gates() -> None:
     assert "error_rate 0.1 > 0.01" in text and "fail" in text
     assert "1 in a row (rollback at 2)" in text
     assert step_bar([10, 50, 100], 2, "promoted").plain == "10% ━ 50% ━ 100%  ✔ live"
+
+
+async def test_switch_with_bake_from_the_cli(
+    blue: ModelServer, green: ModelServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = classifier_config(blue.url, green.url, rollout={"check_interval": "100ms"})
+    async with running_gateway(cfg) as gw:
+        code, _, err = await run(capsys, ["switch", ROUTE, "green", "--bake", "30s",
+                                          "--admin", gw.admin_url, "--token", TOKEN])
+        assert code == 0, err
+        view = await rollout_view(gw)
+        assert (view["kind"], view["phase"], view["interval"]) == ("bake", "progressing", 30)
+        code, out, err = await run(capsys, cli(gw.admin_url, "status", ROUTE))
+        assert code == 0 and "bake of 'green' over 'blue'" in out

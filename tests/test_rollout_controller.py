@@ -134,13 +134,28 @@ def test_meter_windows_are_exact_and_bounded_by_step_start() -> None:
     for _ in range(3):
         stats["green"].observe(200, 0.01)
     stats["blue"].observe(200, 0.01)
-    seconds, windows = meter.windows(101.0, since=100.5, backends=("green", "blue"))
+    seconds, windows = meter.windows(101.0, not_before=100.5, backends=("green", "blue"))
     assert seconds == 0.5
     assert (windows["green"].requests, windows["green"].errors) == (3, 0)
     assert windows["blue"].requests == 1
-    seconds, windows = meter.windows(101.2, since=100.0, backends=("green",))
+    seconds, windows = meter.windows(101.2, not_before=100.0, backends=("green",))
     assert (windows["green"].requests, windows["green"].errors) == (8, 5)
     assert abs(seconds - 1.2) < 1e-9
+
+
+def test_meter_window_covers_at_least_its_length_when_the_step_allows() -> None:
+    now = [0.0]
+    stats = {"green": BackendStats("r", "green", lambda: now[0])}
+    meter = Meter(stats, window=1.0)
+    for t in (0.0, 0.5, 1.0, 1.5):
+        now[0] = t
+        meter.mark(t)
+        stats["green"].observe(200, 0.01)
+    seconds, windows = meter.windows(1.7, not_before=0.0, backends=("green",))
+    assert abs(seconds - 1.2) < 1e-9  # from the 0.5 s snapshot: not shorter than 1 s
+    assert windows["green"].requests == 3
+    seconds, _ = meter.windows(1.7, not_before=1.0, backends=("green",))
+    assert abs(seconds - 0.7) < 1e-9  # but never before the step began
 
 
 # -- the controller, tick by tick ----------------------------------------------------------------

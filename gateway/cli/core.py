@@ -67,6 +67,8 @@ def register(sub: Any) -> None:
     p.add_argument("route")
     p.add_argument("to", help="the backend to make live")
     p.add_argument("--force", action="store_true", help="switch even if a guard objects")
+    p.add_argument("--bake", help="watch the rollout gates this long after the switch and "
+                                  "switch back on failure, e.g. 5m")
     p.add_argument("--reason", help="why (kept in the audit event)")
     add_client_arguments(p)
     p.set_defaults(func=switch)
@@ -252,6 +254,8 @@ def switch(args: argparse.Namespace) -> int:
     body: dict[str, Any] = {"to": args.to}
     if args.force:
         body["force"] = True
+    if args.bake:
+        body["bake"] = args.bake
     return _change(args, "POST", "/switch", _with_reason(body, args.reason), "switched")
 
 

@@ -48,6 +48,8 @@ class GateResult:
                 "verdict": self.verdict, "detail": self.detail}
 
     def describe(self) -> str:
+        if self.detail.startswith(self.name):
+            return self.detail
         if self.detail:
             return f"{self.name}: {self.detail}"
         return f"{self.name} {_fmt(self.value)} vs {_fmt(self.limit)}"
@@ -116,7 +118,8 @@ def judge(
     enough = candidate.requests >= need
     results.append(GateResult(
         "min_requests", float(candidate.requests), float(need), PASS if enough else NO_DATA,
-        "" if enough else f"{candidate.requests} of {need} requests in window",
+        f"min_requests: {candidate.requests} >= {need}" if enough
+        else f"{candidate.requests} of {need} requests in window",
     ))
     live_enough = live.requests >= need
     cand_rate = candidate.error_rate
@@ -267,16 +270,22 @@ class Meter:
             snaps.popleft()
         return snap
 
-    def windows(self, now: float, since: float, backends: Iterable[str]
+    def windows(self, now: float, not_before: float, backends: Iterable[str]
                 ) -> tuple[float, dict[str, WindowSummary]]:
-        """Snapshot now, then each backend's traffic from the oldest snapshot at or after
-        `since` until now; returns (seconds covered, windows)."""
+        """Snapshot now, then each backend's traffic until now since the snapshot that makes
+        the window at least `self.window` long but not older than `not_before` (the step's
+        start); returns (seconds covered, windows)."""
         current = self.mark(now)
-        base_time, base = now, current
-        for t, snap in self._snaps:
-            if t >= since - 1e-9:
-                base_time, base = t, snap
+        want = now - self.window
+        chosen: tuple[float, dict[str, Totals]] | None = None
+        for t, snap in self._snaps:  # oldest first
+            if t < not_before - 1e-9:
+                continue
+            if chosen is None or t <= want + 1e-9:
+                chosen = (t, snap)  # the latest one still covering the whole window
+            else:
                 break
+        base_time, base = chosen if chosen is not None else (now, current)
         seconds = max(0.0, now - base_time)
         return seconds, {
             name: current.get(name, EMPTY).minus(base.get(name, EMPTY), seconds)

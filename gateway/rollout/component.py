@@ -188,6 +188,7 @@ class Rollouts:
             for route in list(self._due):
                 if route not in active:
                     del self._due[route]
+                    self._meters.pop(route, None)  # a resume restarts the step's window
             for route, plan in active.items():
                 self._due.setdefault(route, now + plan.check_interval)
             if not self._due:
@@ -255,8 +256,8 @@ class Rollouts:
 
     def _analyze(self, state: RolloutState, plan: RolloutPlan, now: float) -> Analysis:
         meter = self._meter(state, plan)
-        since = max(now - plan.analysis_window, state.step_started)
-        seconds, windows = meter.windows(now, since, (state.backend, state.baseline))
+        seconds, windows = meter.windows(now, state.step_started,
+                                         (state.backend, state.baseline))
         return judge(plan.gates, windows[state.backend], windows[state.baseline], seconds,
                      shadow=self._shadow(state, plan, seconds), alarms=self._alarms(state, plan))
 

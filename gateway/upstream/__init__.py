@@ -69,7 +69,8 @@ def hop_by_hop(headers: Headers) -> frozenset[str]:
     return HOP_BY_HOP.union(extra) if extra else HOP_BY_HOP
 
 
-def make_upstream(origin: str, kind: str = "aiohttp") -> Upstream:
+def make_upstream(origin: str, kind: str = "fast") -> Upstream:
+    """`fast` (default): the httptools pool, ~3x the throughput; `aiohttp`: the reference."""
     if kind == "fast":
         from gateway.upstream.fastpool import FastUpstream
 
