@@ -24,7 +24,7 @@ from aiohttp import web
 
 from gateway.admin.auth import STATE_DIR_ENV, TOKEN_ENV, generate_token_file, token_file
 from gateway.cli import main
-from gateway.cli.core import change_summary, pct, state_line
+from gateway.cli.core import change_summary, pct, rollout_text, state_line
 from gateway.config import parse_config
 from gateway.serve import NEEDS_SHARED_STORE, AdminToken, check_options, env_tokens
 from tests.helpers import (
@@ -81,6 +81,17 @@ def test_change_summary() -> None:
     assert change_summary(None, {"phase": "step", "weight": 5}) == "phase=step, weight=5"
     assert change_summary({"phase": "a"}, {"phase": "b"}) == "phase a→b"
     assert change_summary(None, None) == ""
+
+
+def test_rollout_text_and_quiet_analysis() -> None:
+    assert rollout_text({"rollout": None}) == "-"
+    view = {"rollout": {"phase": "progressing", "step": 1, "steps": [10, 50, 100],
+                        "backend": "green", "weight": 50}}
+    assert rollout_text(view) == "progressing 2/3 green 50%"
+    # A rollout event's gate analysis stays out of the table's change column.
+    before = {"weight": 10, "analysis": {"gates": []}}
+    after = {"weight": 50, "analysis": {"gates": [{"name": "max_error_rate"}]}}
+    assert change_summary(before, after) == "weight 10→50"
 
 
 def test_pct_and_state_line() -> None:

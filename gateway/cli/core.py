@@ -158,14 +158,25 @@ def state_line(view: dict[str, Any]) -> str:
     return f"{line} (version {view.get('version')})"
 
 
+def rollout_text(view: dict[str, Any]) -> str:
+    """``progressing 2/3 green 50%`` for a route with a rollout, else ``-``."""
+    rollout = view.get("rollout")
+    if not isinstance(rollout, dict) or not rollout.get("phase"):
+        return NONE
+    steps = rollout.get("steps") or []
+    where = f" {int(rollout.get('step', 0)) + 1}/{len(steps)}" if steps else ""
+    return (f"{rollout['phase']}{where} {rollout.get('backend') or ''} "
+            f"{pct(rollout.get('weight', 0))}").replace("  ", " ")
+
+
 def routes_table(views: list[dict[str, Any]]) -> Table:
     table = Table(title="routes", title_justify="left")
-    for col in ("route", "live", "canary", "shadow", "previous", "version"):
+    for col in ("route", "live", "canary", "shadow", "rollout", "previous", "version"):
         table.add_column(col, justify="right" if col == "version" else "left")
     for v in views:
         table.add_row(v["name"], v["live"], _split_text(v.get("canary"), "weight"),
-                      _split_text(v.get("shadow"), "sample"), v.get("previous") or NONE,
-                      str(v.get("version", "")))
+                      _split_text(v.get("shadow"), "sample"), rollout_text(v),
+                      v.get("previous") or NONE, str(v.get("version", "")))
     return table
 
 
@@ -265,7 +276,9 @@ def rollback(args: argparse.Namespace) -> int:
 
 # -- events --------------------------------------------------------------------------------------
 _PAIRED = (("canary", "canary_weight"), ("shadow", "shadow_sample"))
-_QUIET = frozenset({"version", "previous"})  # follow from the other fields
+# Follow from the other fields, or too long for a table cell (a rollout's gate analysis is in
+# the event's reason and in --json).
+_QUIET = frozenset({"version", "previous", "analysis"})
 
 
 def _short(value: Any) -> str:
