@@ -56,6 +56,16 @@ def test_defaults() -> None:
     assert p.health_path == "/v2/health/ready"
 
 
+def test_gates_that_cannot_fail_keep_the_error_ceiling() -> None:
+    # Only a traffic minimum (e.g. `rollout start --min-requests 10`) must not promote a
+    # candidate that returns nothing but errors.
+    p = plan(gates={"min_requests": 10})
+    assert p.gates.min_requests == 10
+    assert p.gates.max_error_rate == DEFAULT_GATES.max_error_rate
+    # Any gate that can fail is taken as given.
+    assert plan(gates={"max_p99_ms": 300}).gates.max_error_rate is None
+
+
 @pytest.mark.parametrize(("data", "where"), [
     ({"backend": "red"}, "backend: unknown backend 'red'"),
     ({"steps": [10, 5]}, "steps[1]: steps must increase"),

@@ -22,7 +22,7 @@ backend stays warm as `previous`, the rollback target).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.errors import ConfigError
@@ -56,6 +56,14 @@ class Gates:
     min_shadow_agreement: float | None = None
     no_firing_alarms: bool = False
     min_requests: int = DEFAULT_MIN_REQUESTS
+
+    def failure_gates_off(self) -> bool:
+        """True when no gate could ever fail (only the traffic-volume minimum is set)."""
+        return not self.no_firing_alarms and all(
+            getattr(self, name) is None for name in (
+                "max_error_rate", "max_error_rate_ratio", "max_p99_ms", "max_p99_ratio",
+                "max_null_rate", "min_shadow_agreement")
+        )
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -230,6 +238,10 @@ def _parse_gates(node: Node) -> Gates:
         min_requests=node.int("min_requests", DEFAULT_MIN_REQUESTS, lo=1, hi=10_000_000),
     )
     node.done()
+    if gates.failure_gates_off():
+        # Gates with nothing that can fail (e.g. only min_requests) would promote anything
+        # that gets traffic: keep the default error-rate ceiling (set it to 1 to opt out).
+        gates = replace(gates, max_error_rate=DEFAULT_GATES.max_error_rate)
     return gates
 
 
