@@ -9,6 +9,7 @@ probes) are taps run after the client has its response; they never await.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -35,6 +36,8 @@ READ_CHUNK = 64 * 1024
 REQUEST_ID = "X-Request-ID"
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _NO_BODY_STATUS = frozenset({204, 304})
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
+_PLAIN_CONNECTION_TOKENS = frozenset({"keep-alive", "close"})
 # Ours to set (host, framing) or already answered here (expect: see Proxy.handle).
 _NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -56,8 +59,22 @@ def json_error(status: int, code: str, message: str, request_id: str | None = No
     )
 
 
+_ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers and replicas
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return os.urandom(12).hex()
+    """A unique id without a syscall per request: random process prefix + a counter."""
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+
+
+def connection_tokens(value: str) -> frozenset[str]:
+    """Header names a `Connection` header makes hop-by-hop (beyond the fixed set).
+
+    Nearly every message says just ``keep-alive`` or ``close``: answer that without a set."""
+    if value in _PLAIN_CONNECTION:
+        return frozenset()
+    return frozenset(t.strip().lower() for t in value.split(",")) - _PLAIN_CONNECTION_TOKENS
 
 
 class Proxy:
@@ -200,8 +217,8 @@ class Proxy:
         raw = request.headers
         drop = HOP_BY_HOP
         connection = raw.get("connection")
-        if connection:
-            drop = drop | {t.strip().lower() for t in connection.split(",")}
+        if connection and (extra := connection_tokens(connection)):
+            drop = drop | extra
         out: Headers = []
         forwarded_for = None
         has_proto = has_host = has_id = False
@@ -232,20 +249,22 @@ class Proxy:
 
     @staticmethod
     def _response_headers(resp: UpstreamResponse, request_id: str) -> CIMultiDict[str]:
-        drop = _DROP_RESPONSE
         out: CIMultiDict[str] = CIMultiDict()
         has_id = False
+        named: frozenset[str] = frozenset()
         for name, value in resp.headers:
             lower = name.lower()
-            if lower == "connection":
-                drop = drop | {t.strip().lower() for t in value.split(",")}
-        for name, value in resp.headers:
-            lower = name.lower()
-            if lower in drop:
+            if lower in _DROP_RESPONSE:
+                if lower == "connection":
+                    named |= connection_tokens(value)
                 continue
             if lower == "x-request-id":
                 has_id = True
             out.add(name, value)
+        for lower in named:  # rare: headers the backend's Connection header made hop-by-hop
+            if lower == "x-request-id" and lower in out:
+                has_id = False
+            out.popall(lower, None)
         if not has_id:
             out[REQUEST_ID] = request_id
         return out

@@ -1086,6 +1086,8 @@ def profile_main(argv: Sequence[str]) -> int:
                    help="py-spy executable (e.g. after `pip install --target /tmp/pyspy "
                    "py-spy`: /tmp/pyspy/bin/py-spy)")
     p.add_argument("--native", action="store_true", help="include C frames (py-spy --native)")
+    p.add_argument("--lines", action="store_true",
+                   help="rank source lines instead of whole functions")
     p.add_argument("--raw", metavar="FILE", help="also keep the raw stacks (speedscope and "
                    "flamegraph.pl read them)")
     args = p.parse_args(argv)
@@ -1116,7 +1118,9 @@ def profile_main(argv: Sequence[str]) -> int:
                 time.sleep(1.0)  # let the connections open and the pools fill
                 raw_path = workdir / "stacks.txt"
                 spy = [args.py_spy, "record", "-p", str(gateway.pid), "-d", str(args.seconds),
-                       "-r", "250", "--function", "-f", "raw", "-o", str(raw_path)]
+                       "-r", "250", "-f", "raw", "-o", str(raw_path)]
+                if not args.lines:
+                    spy.append("--function")  # frames named by the function's first line
                 # Native stacks need py-spy to pause the process for each sample (slower).
                 spy.append("--native" if args.native else "--nonblocking")
                 sampler = procs.start("py-spy", spy, LOAD_CPU)
@@ -1141,8 +1145,9 @@ def profile_main(argv: Sequence[str]) -> int:
 
     table = Table(title=f"modelgate --upstream {args.upstream} under wrk -c{args.connections}: "
                   f"{rps:,.0f} req/s, {total} samples (on-CPU)", title_justify="left")
-    for col in ("#", "function (file:line)", "self %", "total %"):
-        table.add_column(col, justify="left" if col.startswith("function") else "right")
+    for col in ("#", "line (file:line)" if args.lines else "function (file:line)", "self %",
+                "total %"):
+        table.add_column(col, justify="left" if "file:line" in col else "right")
     for i, (name, own, incl) in enumerate(rows, 1):
         table.add_row(str(i), name, f"{100 * own / total:.1f}", f"{100 * incl / total:.1f}")
     Console(width=160).print(table)
