@@ -167,19 +167,14 @@ class ControlPlane:
         reason: str | None = None,
     ) -> RouteState:
         check_weight(weight, "weight")
+        return await self.mutate(name, lambda state, route: canary_change(
+            state, route, backend, weight), actor=actor, action="canary", reason=reason)
 
-        def change(state: RouteState, route: RouteConfig) -> RouteState:
-            target = backend or state.canary
-            if weight == 0 and target is None:
-                return state.evolve(canary=None, canary_weight=0.0)
-            if target is None:
-                raise InvalidRequest("no canary backend given and none is set")
-            check_backend(route, target, "backend")
-            if target == state.live:
-                raise InvalidRequest(f"backend {target!r} is already live; pick another")
-            return state.evolve(canary=target, canary_weight=float(weight))
-
-        return await self.mutate(name, change, actor=actor, action="canary", reason=reason)
+    def preview(self, name: str, change: Callable[[RouteState, RouteConfig], RouteState]
+                ) -> RouteState:
+        """Validate `change` against this process's current state without writing: callers
+        with side effects of their own (pausing a rollout) refuse bad calls first."""
+        return change(self.state(name), self.route_config(name))
 
     async def switch(
         self, name: str, to: str, *, actor: str, reason: str | None = None
@@ -198,20 +193,9 @@ class ControlPlane:
         return await self.mutate(name, change, actor=actor, action="switch", reason=reason)
 
     async def rollback(self, name: str, *, actor: str, reason: str | None = None) -> RouteState:
-        """All traffic back to the last known-good version.
-
-        With canary traffic flowing, that is the live backend (canary weight → 0). Without,
-        it is the previous live backend (undo the last switch)."""
-
-        def change(state: RouteState, route: RouteConfig) -> RouteState:
-            if state.canary and state.canary_weight > 0:
-                return state.evolve(canary_weight=0.0)
-            if state.previous is None:
-                raise Conflict("nothing to roll back: no canary traffic and no previous backend")
-            return state.evolve(live=state.previous, previous=state.live, canary=None,
-                                canary_weight=0.0)
-
-        return await self.mutate(name, change, actor=actor, action="rollback", reason=reason)
+        """All traffic back to the last known-good version (see `rollback_change`)."""
+        return await self.mutate(name, rollback_change, actor=actor, action="rollback",
+                                 reason=reason)
 
     async def set_shadow(
         self, name: str, backend: str | None, sample: float, *, actor: str,
@@ -228,6 +212,33 @@ class ControlPlane:
 
         action = "shadow" if backend is not None else "shadow_off"
         return await self.mutate(name, change, actor=actor, action=action, reason=reason)
+
+
+def canary_change(
+    state: RouteState, route: RouteConfig, backend: str | None, weight: float
+) -> RouteState:
+    """Canary `backend` (default: the current one) at `weight` percent."""
+    check_weight(weight, "weight")
+    target = backend or state.canary
+    if weight == 0 and target is None:
+        return state.evolve(canary=None, canary_weight=0.0)
+    if target is None:
+        raise InvalidRequest("no canary backend given and none is set")
+    check_backend(route, target, "backend")
+    if target == state.live:
+        raise InvalidRequest(f"backend {target!r} is already live; pick another")
+    return state.evolve(canary=target, canary_weight=float(weight))
+
+
+def rollback_change(state: RouteState, route: RouteConfig) -> RouteState:
+    """With canary traffic flowing, the last known-good version is the live backend (canary
+    weight → 0). Without, it is the previous live backend (undo the last switch)."""
+    if state.canary and state.canary_weight > 0:
+        return state.evolve(canary_weight=0.0)
+    if state.previous is None:
+        raise Conflict("nothing to roll back: no canary traffic and no previous backend")
+    return state.evolve(live=state.previous, previous=state.live, canary=None,
+                        canary_weight=0.0)
 
 
 def check_backend(route: RouteConfig, backend: Any, field: str) -> None:

@@ -34,6 +34,7 @@ BUFFER_REQUEST_UP_TO = 64 * 1024  # smaller bodies of known length are read whol
 BUFFER_RESPONSE_UP_TO = 1024 * 1024
 READ_CHUNK = 64 * 1024
 REQUEST_ID = "X-Request-ID"
+MAX_REQUEST_ID = 200
 _DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
 _NO_BODY_STATUS = frozenset({204, 304})
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
@@ -68,6 +69,13 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
+def client_request_id(value: str | None) -> str | None:
+    """The client's X-Request-ID if it is safe to log, echo and forward, else None."""
+    if not value or len(value) > MAX_REQUEST_ID or not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
 def connection_tokens(value: str) -> frozenset[str]:
     """Header names a `Connection` header makes hop-by-hop (beyond the fixed set).
 
@@ -94,12 +102,12 @@ class Proxy:
         except Exception:
             log.exception("proxy failed on %s %s", request.method, request.path)
             return json_error(500, "internal_error", "the gateway failed; see its log",
-                              request.headers.get(REQUEST_ID))
+                              client_request_id(request.headers.get(REQUEST_ID)))
 
     async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         headers_in = request.headers
-        request_id = headers_in.get(REQUEST_ID) or new_request_id()
+        request_id = client_request_id(headers_in.get(REQUEST_ID)) or new_request_id()
         path = request.path
         if "/." in path and _has_dot_segment(path):
             # We match "/public" on "/public/../internal" but the backend may resolve it to
@@ -124,7 +132,7 @@ class Proxy:
         rec = self.gateway.recorder
         self.in_flight += 1
         rec.in_flight[route.name] = rec.in_flight.get(route.name, 0) + 1
-        status = 502
+        status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
         try:
             forward = self._forward_headers(request, request_id)
@@ -158,6 +166,12 @@ class Proxy:
                 resp = await upstream.send(
                     request.method, request.raw_path, forward, body, route.timeouts
                 )
+            except ValueError:
+                # Header bytes the upstream client cannot write (invalid UTF-8 through
+                # aiohttp's client, CR/LF): the client's request is at fault.
+                status = 400
+                return json_error(400, "bad_header", "a request header cannot be forwarded",
+                                  request_id, route=route.name)
             except (UpstreamError, BodyTooLarge) as exc:
                 # An upstream may let our own body iterator's BodyTooLarge through untranslated.
                 if too_large or not isinstance(exc, UpstreamError):
@@ -189,11 +203,17 @@ class Proxy:
             out_headers = self._response_headers(resp, request_id)
             if exchange is not None:
                 exchange.response_headers = resp.headers
-            response = await self._respond(request, route, resp, out_headers, exchange)
+            response, failure = await self._respond(request, route, resp, out_headers, exchange)
+            if failure is not None:  # the backend broke mid-body: an error for gates/alarms
+                status = failure.status
+                stats.upstream_error(failure.kind)
+                if exchange is not None:
+                    exchange.status = status
             return response
         finally:
             latency = time.perf_counter() - started
-            stats.observe(status, latency)
+            if status:
+                stats.observe(status, latency)
             self.in_flight -= 1
             rec.in_flight[route.name] -= 1
             if exchange is not None:
@@ -276,26 +296,28 @@ class Proxy:
         resp: UpstreamResponse,
         headers: CIMultiDict[str],
         exchange: Exchange | None,
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, UpstreamError | None]:
+        """The client's response, and the backend's failure if its body broke off."""
         if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
             resp.close() if request.method == "HEAD" else await resp.read()
             if resp.content_length is not None and request.method == "HEAD":
                 headers["Content-Length"] = str(resp.content_length)
             # The Content-Length header set above is kept (aiohttp refuses the attribute).
-            return web.Response(status=resp.status, reason=resp.reason, headers=headers)
+            return web.Response(status=resp.status, reason=resp.reason, headers=headers), None
         length = resp.content_length
         streaming = length is None or length > BUFFER_RESPONSE_UP_TO
         if not streaming:
             try:
                 body = await resp.read()
             except UpstreamError as exc:
-                return json_error(exc.status, "upstream_unavailable",
+                code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
+                return json_error(exc.status, code,
                                   f"backend failed while sending its body: {exc.kind}",
-                                  headers.get(REQUEST_ID), route=route.name)
+                                  headers.get(REQUEST_ID), route=route.name), exc
             if exchange is not None:
                 exchange.response_body = body
             return web.Response(status=resp.status, reason=resp.reason, body=body,
-                                headers=headers)
+                                headers=headers), None
 
         response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
         if length is not None:
@@ -320,14 +342,14 @@ class Proxy:
             resp.close()
             if request.transport is not None:
                 request.transport.close()
-            return response
+            return response, exc
         except (ConnectionResetError, ConnectionError):
             resp.close()  # the client went away; drop the backend connection too
             raise
         await response.write_eof()
         if capture is not None and exchange is not None:
             exchange.response_body = b"".join(capture)
-        return response
+        return response, None
 
 
 def _has_dot_segment(path: str) -> bool:

@@ -74,6 +74,9 @@ def check_http_url(value: Any, path: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(path, f"not an http(s) URL: {value!r}")
+    if parts.username is not None or parts.password is not None:
+        # Never used for auth by the proxy, and they would leak into the Host header.
+        raise ConfigError(path, "credentials in a backend URL are not supported")
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError:

@@ -3,6 +3,7 @@ nothing, audit events, probes, metrics and the OpenAPI document."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
@@ -387,3 +388,18 @@ async def test_openapi_document(blue: ModelServer, green: ModelServer) -> None:
     assert schema["properties"]["weight"]["maximum"] == 100
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert paths["/healthz"]["get"]["security"] == []  # probes answer without a token
+
+
+async def test_token_with_bytes_that_are_not_text_is_401(blue: ModelServer, green: ModelServer
+                                                        ) -> None:
+    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+        assert gw.gateway.admin_address is not None
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.admin_address[1])
+        writer.write(b"GET /admin/routes HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer \xff\xfe\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        assert response.startswith(b"HTTP/1.1 401"), response[:200]
+        assert b'"error":"unauthorized"' in response

@@ -270,6 +270,8 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "routes[0].backends.green.url: not an http(s) URL: '127.0.0.1:9002'"),
     ("not a string", _set(GREEN_URL, 5),
      "routes[0].backends.green.url: not an http(s) URL: 5"),
+    ("credentials", _set(GREEN_URL, "http://user:secret@x:9002"),
+     "routes[0].backends.green.url: credentials in a backend URL are not supported"),
     ("bad port", _set(GREEN_URL, "http://x:99999"),
      "routes[0].backends.green.url: bad port in URL: 'http://x:99999'"),
     ("url in list", _set([*R, "backends", "green"], {"urls": ["http://a:1", "gopher://b"]}),

@@ -781,3 +781,96 @@ async def test_override_header_only_where_enabled(blue: ModelServer, green: Mode
         for _ in range(5):
             assert await version_of(gw, host="locked.example.com",
                                     **{"x-modelgate-backend": "green"}) == "v1"
+
+
+# -- hostile or broken input: the right status, counted against the right party ------------------
+
+
+def backend_totals(gw: Any, route_name: str, backend: str) -> tuple[list[int], dict[str, int]]:
+    stats = gw.gateway.static[route_name].stats[backend]
+    return list(stats.status_totals), dict(stats.error_totals)
+
+
+async def test_header_bytes_reach_the_backend_unchanged(echo: Echo, kind: str) -> None:
+    """UTF-8 and even invalid UTF-8 header bytes pass through as sent; no 500."""
+    async with echo_gateway(echo, kind) as gw:
+        port = gw.gateway.addresses[0][1]
+        head = (b"GET /bytes HTTP/1.1\r\nHost: x\r\nX-Val: caf\xc3\xa9\r\n"
+                b"X-Raw: \xff\xfe\r\nConnection: close\r\n\r\n")
+        reader, writer = await raw_request(port, head)
+        response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        status_line = response.split(b"\r\n", 1)[0]
+        if kind == "fast":
+            assert status_line == b"HTTP/1.1 200 OK", response[:300]
+            report = orjson.loads(response.split(b"\r\n\r\n", 1)[1])
+            got = headers_of(report)  # the echo reports raw bytes as latin-1 text
+            assert got["x-val"][0].encode("latin-1") == b"caf\xc3\xa9"
+            assert got["x-raw"][0].encode("latin-1") == b"\xff\xfe"
+        else:
+            # aiohttp's client cannot write bytes that are not UTF-8: the client's fault.
+            assert status_line.startswith((b"HTTP/1.1 200", b"HTTP/1.1 400")), response[:300]
+        assert b"Traceback" not in response
+        # Whatever happened, the backend is not blamed with a 5xx.
+        totals, errors = backend_totals(gw, "echo", "main")
+        assert totals[5] == 0 and not any(errors.values())
+
+
+async def test_response_header_text_is_not_garbled(kind: str) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nX-Name: caf\xc3\xa9\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with raw_server(answer) as url, \
+            running_gateway(config(route("r", "/", url)), upstream_kind=kind) as gw:
+        r = await gw.client.get("/x")
+        assert r.status_code == 200
+        assert r.headers.raw[[k.lower() for k, _ in r.headers.raw].index(b"x-name")][1] == \
+            b"caf\xc3\xa9"
+
+
+async def test_unusable_request_id_is_replaced(echo: Echo, kind: str) -> None:
+    async with echo_gateway(echo, kind) as gw:
+        port = gw.gateway.addresses[0][1]
+        for bad in (b"\xff\xfe", b"x" * 500):
+            head = (b"GET /nope/../x HTTP/1.1\r\nHost: x\r\nX-Request-ID: " + bad
+                    + b"\r\nConnection: close\r\n\r\n")
+            reader, writer = await raw_request(port, head)
+            response = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            head_part, body = response.split(b"\r\n\r\n", 1)
+            assert head_part.startswith(b"HTTP/1.1 400"), response[:200]
+            error = orjson.loads(body)
+            assert error["error"] == "bad_path"
+            assert error["request_id"] and error["request_id"].encode() != bad
+
+
+async def test_body_broken_mid_read_counts_as_a_backend_error(kind: str) -> None:
+    """A short body is a 502 to the client, and gates and alarms must see it as one."""
+    async with raw_server(cut_body_short) as url, \
+            running_gateway(config(route("r", "/", url)), upstream_kind=kind) as gw:
+        assert_json_error(await gw.client.get("/x"), 502)
+        totals, errors = backend_totals(gw, "r", "main")
+        assert totals[2] == 0 and totals[5] == 1
+        assert errors["reset"] == 1
+        assert gw.gateway.static["r"].stats["main"].window(60).errors == 1
+
+
+async def test_stream_broken_mid_body_counts_as_a_backend_error(kind: str) -> None:
+    async def stream_then_die(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                              ) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await writer.drain()
+        writer.transport.abort()
+
+    async with raw_server(stream_then_die) as url, \
+            running_gateway(config(route("r", "/", url)), upstream_kind=kind) as gw:
+        with pytest.raises(httpx.HTTPError):
+            (await gw.client.get("/x")).raise_for_status()
+        stats = gw.gateway.static["r"].stats["main"]
+        await wait_for(lambda: stats.status_totals[5] == 1, message="the 5xx to be counted")
+        assert stats.status_totals[2] == 0

@@ -177,6 +177,29 @@ async def test_manual_canary_change_pauses_and_manual_rollback_aborts(
         assert actions.count("rollout_pause") == 1 and actions.count("rollout_abort") == 1
 
 
+async def test_refused_manual_changes_leave_the_rollout_alone(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+        r = await gw.admin.post(ROLLOUT, json=plan(interval="30s"))
+        assert r.status_code == 201, r.text
+        # A canary body the core refuses (bad weight, live backend) does not pause it.
+        for body in ({"weight": 101}, {"backend": "blue", "weight": 5}):
+            r = await gw.admin.put(f"/admin/routes/{ROUTE}/canary", json=body)
+            assert r.status_code == 400, r.text
+        assert (await rollout_view(gw))["phase"] == "progressing"
+        # Pause by hand with weight 0: now nothing has traffic and nothing was switched, so
+        # a rollback is refused (409) -- and must not abort the paused rollout either.
+        r = await gw.admin.put(f"/admin/routes/{ROUTE}/canary", json={"weight": 0})
+        assert r.status_code == 200, r.text
+        assert (await rollout_view(gw))["phase"] == "paused"
+        r = await gw.admin.post(f"/admin/routes/{ROUTE}/rollback", json={})
+        assert r.status_code == 409, r.text
+        assert (await rollout_view(gw))["phase"] == "paused"
+        actions = [e["action"] for e in await events(gw)]
+        assert "rollout_abort" not in actions and actions.count("rollout_pause") == 1
+
+
 async def test_api_validation_conflicts_and_views(blue: ModelServer, green: ModelServer) -> None:
     cfg = classifier_config(blue.url, green.url, rollout={
         "backend": "green", "steps": [5, 100], "interval": "1m", "check_interval": "1s",

@@ -226,9 +226,21 @@ def test_sticky_key_from_header_cookie_query() -> None:
     assert sticky_key_of(StickyKey("query", "user"), empty, MultiDict({"user": ""})) is None
 
 
-def test_malformed_cookie_means_no_key() -> None:
-    headers = CIMultiDict({"Cookie": 'uid="unterminated; ;;=='})
-    assert sticky_key_of(StickyKey("cookie", "uid"), headers, MultiDict()) is None
+def test_cookie_key_survives_malformed_neighbours() -> None:
+    sticky = StickyKey("cookie", "uid")
+
+    def key(cookie: str) -> str | None:
+        return sticky_key_of(sticky, CIMultiDict({"Cookie": cookie}), MultiDict())
+
+    # A malformed cookie before ours must not hide it (SimpleCookie stops at the first one).
+    assert key('theme="unterminated; ;;==; uid=bob') == "bob"
+    assert key('uid="quoted value"') == "quoted value"
+    assert key("uid=; other=1") is None
+    assert key("xuid=1; uidx=2") is None
+    # A stray quote is part of the value: still the same key every time for that client.
+    assert key('uid="unterminated') == '"unterminated'
+    # The crafted header that made SimpleCookie quadratic parses like any other.
+    assert key('uid="' + "\\" * 4000) == '"' + "\\" * 4000
 
 
 def test_sticky_header_name_is_case_insensitive_in_config() -> None:

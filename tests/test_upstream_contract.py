@@ -633,3 +633,36 @@ async def test_close_leaves_no_pending_tasks(make: MakeUpstream) -> None:
     assert asyncio.all_tasks() - before == set()
     # close() is idempotent and the upstream can be closed again at teardown.
     await upstream.close()
+
+
+async def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every connection busy, a request waits at most the connect timeout (then 504),
+    instead of queueing without bound behind hung requests."""
+    from gateway.upstream import fastpool
+
+    monkeypatch.setattr(fastpool, "MAX_ACTIVE", 2)
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+
+    async with RawServer(handler) as server:
+        upstream = make_upstream(server.origin, "fast")
+        try:
+            hung = [asyncio.create_task(fetch(upstream)) for _ in range(2)]
+            while upstream._slots < 2:  # type: ignore[attr-defined]  # both slots taken
+                await asyncio.sleep(0)
+            quick = Timeouts(connect=0.2, read=5.0)
+            with pytest.raises(UpstreamTimeout):
+                await upstream.send("GET", "/", [], None, quick)
+            release.set()
+            for resp, body in await asyncio.gather(*hung):
+                assert (resp.status, body) == (200, b"ok")
+        finally:
+            release.set()
+            await upstream.close()

@@ -19,7 +19,7 @@ from gateway import __version__
 from gateway.admin.auth import actor_for
 from gateway.admin.dashboard import add_dashboard_routes
 from gateway.admin.openapi import openapi_document
-from gateway.control import check_backend, check_weight
+from gateway.control import canary_change, rollback_change
 from gateway.errors import AdminError, InvalidRequest, ModelgateError
 from gateway.state import RouteState
 
@@ -166,11 +166,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         if backend is not None and not isinstance(backend, str):
             raise InvalidRequest("backend: must be a string")
         # Refuse bad input before the hook: a refused call must not pause a rollout either.
-        check_weight(data["weight"], "weight")
-        if backend is not None:
-            check_backend(control.route_config(name), backend, "backend")
-            if backend == control.state(name).live:
-                raise InvalidRequest(f"backend {backend!r} is already live; pick another")
+        control.preview(name, lambda st, cfg: canary_change(st, cfg, backend, data["weight"]))
         await _before_manual_change(gateway, name, request[ACTOR_KEY])
         await control.set_canary(name, backend, data["weight"], actor=request[ACTOR_KEY],
                                  reason=data.get("reason"))
@@ -201,6 +197,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         name = request.match_info["route"]
         control.route_config(name)
         data = await read_json(request, {"reason"})
+        control.preview(name, rollback_change)  # a refused rollback must not abort a rollout
         await _before_manual_change(gateway, name, request[ACTOR_KEY], stop=True)
         await control.rollback(name, actor=request[ACTOR_KEY], reason=data.get("reason"))
         return json_response(route_view(gateway, name))

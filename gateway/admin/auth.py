@@ -31,10 +31,17 @@ def generate_token_file(admin_port: int) -> tuple[str, Path]:
     token = secrets.token_urlsafe(32)
     path = token_file(admin_port)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(token + "\n")
-    os.chmod(path, 0o600)
+    # A fresh file that only we can read from its first byte, then renamed into place: an
+    # existing file or symlink at `path` (planted by someone else) is replaced, never written.
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(token + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return token, path
 
 
@@ -49,7 +56,7 @@ def actor_for(header: str | None, tokens: dict[str, str]) -> str:
     """The token's name for a valid ``Authorization: Bearer …`` header, else `Unauthorized`."""
     if not header or header[:7].lower() != "bearer ":  # the scheme is case-insensitive
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    given = header[7:].strip().encode()
+    given = header[7:].strip().encode("utf-8", "surrogateescape")  # any bytes: 401, not 500
     found = None
     for name, secret in tokens.items():
         # compare against every token so the time taken does not reveal which one is close

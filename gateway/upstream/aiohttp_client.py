@@ -42,7 +42,9 @@ class AiohttpResponse:
         self._resp = resp
         self.status = resp.status
         self.reason = resp.reason or ""
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+        # UTF-8 like the server side that writes them back out (see fastpool.py).
+        self.headers = [(k.decode("latin-1"), v.decode("utf-8", "replace"))
+                        for k, v in resp.raw_headers]
         self.content_length = resp.content_length
 
     async def read(self) -> bytes:

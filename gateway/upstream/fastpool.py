@@ -43,6 +43,7 @@ from gateway.config import Timeouts
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
 from gateway.upstream import Body, Headers
 
+MAX_SLOT_WAITERS = 4096  # requests queued for a connection beyond MAX_ACTIVE
 MAX_IDLE = 256  # idle keep-alive connections kept per origin
 MAX_ACTIVE = 1024  # connections busy at once per origin; further requests wait for one
 IDLE_TTL = 30.0  # close idle connections older than this (servers drop them anyway)
@@ -290,7 +291,9 @@ class _Conn(asyncio.Protocol):
                 # Chunked framing only if chunked is the final coding; otherwise the body is
                 # close-delimited (RFC 9112 §6.3).
                 self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        # UTF-8 like aiohttp's server side, which writes them back out as UTF-8; bytes that
+        # are not UTF-8 become U+FFFD rather than mojibake.
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -307,7 +310,8 @@ class _Conn(asyncio.Protocol):
         self._head_waiter = None
         self._keep_alive = self.parser.should_keep_alive()
         length = None if self._chunked else self._content_length
-        resp = FastResponse(self, status, self._reason.decode("latin-1"), self._headers, length)
+        reason = self._reason.decode("utf-8", "replace")
+        resp = FastResponse(self, status, reason, self._headers, length)
         self.resp = resp
         if self._head_only:
             # httptools doesn't know the request was HEAD and would wait for the body its
@@ -593,10 +597,9 @@ class FastUpstream:
         # request (request smuggling). Two C-speed scans instead of a check per header.
         if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             raise ValueError("CR or LF inside the request line or a header")
-        try:
-            return text.encode("latin-1")
-        except UnicodeEncodeError:
-            return text.encode("utf-8")
+        # Header text reaches us as aiohttp's server decoded it (UTF-8, invalid bytes kept as
+        # surrogates): this gives the backend the client's exact bytes back.
+        return text.encode("utf-8", "surrogateescape")
 
     # Connections and slots
 
@@ -604,7 +607,16 @@ class FastUpstream:
         if self._slots < MAX_ACTIVE:
             self._slots += 1
         else:
-            await self._wait_slot()
+            if len(self._slot_waiters) >= MAX_SLOT_WAITERS:
+                raise UpstreamConnectError(f"{self.origin}: {MAX_ACTIVE} requests in flight "
+                                           f"and {MAX_SLOT_WAITERS} waiting: overloaded")
+            # Waiting for a connection counts against the connect timeout, like connecting.
+            try:
+                async with asyncio.timeout(timeouts.connect):
+                    await self._wait_slot()
+            except TimeoutError as exc:
+                raise UpstreamTimeout(f"{self.origin}: no connection free within "
+                                      f"{timeouts.connect}s") from exc
         if not fresh:
             idle = self._idle
             while idle:
