@@ -252,5 +252,5 @@ def check_backend(route: RouteConfig, backend: Any, field: str) -> None:
 def check_weight(value: Any, field: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
         raise InvalidRequest(f"{field}: must be a number from 0 to 100, got {value!r}")
-    if round(value * 100) != value * 100 and abs(round(value * 100) - value * 100) > 1e-6:
+    if abs(round(value * 100) - value * 100) > 1e-6 or 0 < value < 0.01:
         raise InvalidRequest(f"{field}: resolution is 0.01, got {value!r}")

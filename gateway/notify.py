@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -56,8 +57,18 @@ class Counts:
 class _Target:
     url: str
     queue: asyncio.Queue[bytes]
+    label: str = ""  # what logs and /metrics show: webhook URLs often carry a secret
     counts: Counts = field(default_factory=Counts)
     task: asyncio.Task[None] | None = None
+
+
+def redacted(url: str, index: int) -> str:
+    """``https://hooks.example.com/…#2``: scheme and host only, never path, query or login."""
+    parts = urlsplit(url)
+    host = parts.hostname or "?"
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}/…#{index}"
 
 
 class Notifier:
@@ -75,7 +86,8 @@ class Notifier:
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._targets = [_Target(url, asyncio.Queue(maxsize=queue_size)) for url in urls]
+        self._targets = [_Target(url, asyncio.Queue(maxsize=queue_size), redacted(url, i))
+                         for i, url in enumerate(urls, start=1)]
         self._session: aiohttp.ClientSession | None = None
         self._open = False
 
@@ -97,7 +109,7 @@ class Notifier:
             except asyncio.QueueFull:
                 target.counts.dropped += 1
                 if target.counts.dropped in (1, 10, 100) or target.counts.dropped % 1000 == 0:
-                    log.warning("webhook %s is behind: %d events dropped", target.url,
+                    log.warning("webhook %s is behind: %d events dropped", target.label,
                                 target.counts.dropped)
 
     async def start(self) -> None:
@@ -109,7 +121,7 @@ class Notifier:
         )
         for target in self._targets:
             target.task = asyncio.create_task(self._send_loop(target),
-                                              name=f"webhook {target.url}")
+                                              name=f"webhook {target.label}")
         self._open = True
 
     async def stop(self) -> None:
@@ -136,7 +148,7 @@ class Notifier:
                 await self._deliver(target, body)
             except Exception:  # a bug or odd URL must not end deliveries for good
                 target.counts.failed += 1
-                log.exception("webhook %s: delivery crashed", target.url)
+                log.exception("webhook %s: delivery crashed", target.label)
 
     async def _deliver(self, target: _Target, body: bytes) -> None:
         assert self._session is not None
@@ -156,9 +168,11 @@ class Notifier:
                     if 400 <= resp.status < 500 and resp.status not in (408, 429):
                         break  # the receiver refuses this event: retrying will not help
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                problem = repr(exc)
+                # The class only: aiohttp's messages can quote the URL, and with it its secret.
+                problem = type(exc).__name__
         target.counts.failed += 1
-        log.warning("webhook %s failed after %d attempts: %s", target.url, attempt + 1, problem)
+        log.warning("webhook %s failed after %d attempts: %s", target.label, attempt + 1,
+                    problem)
 
     def collect(self) -> Iterator[Metric]:
         """Prometheus families (registered by the component that owns the notifier)."""
@@ -171,7 +185,7 @@ class Notifier:
             c = target.counts
             for result, n in (("sent", c.sent), ("failed", c.failed), ("dropped", c.dropped),
                               ("retried", c.retries)):
-                total.add_metric([target.url, result], n)
-            queued.add_metric([target.url], target.queue.qsize())
+                total.add_metric([target.label, result], n)
+            queued.add_metric([target.label], target.queue.qsize())
         yield total
         yield queued

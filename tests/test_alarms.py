@@ -211,6 +211,9 @@ async def test_null_outputs_fault_fires_and_resolves(blue: ModelServer,
         assert view["state"] == "firing" and view["value_backend"] == "green"
         mon: Monitoring = gw.gateway.component("monitoring")
         assert mon.firing_alarms("classifier") == ["null-outputs"]
+        # As a rollout gate it is about green (its value came from green), not about blue.
+        assert mon.firing_alarms("classifier", "green") == ["null-outputs"]
+        assert mon.firing_alarms("classifier", "blue") == []
         metrics = (await gw.admin.get("/metrics")).text
         assert 'modelgate_alarm_firing{alarm="null-outputs",route="classifier"} 1.0' in metrics
 

@@ -116,3 +116,16 @@ async def test_rollout_webhooks_and_a_hanging_receiver_never_delays_the_controll
                        for e in hook.received)
             metrics = (await gw.admin.get("/metrics")).text
             assert "modelgate_webhook_events_total" in metrics
+
+
+def test_webhook_urls_are_redacted_wherever_they_are_shown() -> None:
+    """Webhook URLs often carry a secret (Slack's path, a login): /metrics is open and logs
+    are shipped, so both show scheme and host only."""
+    from gateway.notify import redacted
+
+    url = "https://user:pass@hooks.example.com:8443/services/T0/B0/s3cr3t?token=abc"
+    assert redacted(url, 2) == "https://hooks.example.com:8443/…#2"
+    notifier = Notifier([url])
+    text = "".join(str(sample) for family in notifier.collect() for sample in family.samples)
+    assert "s3cr3t" not in text and "pass" not in text and "token" not in text
+    assert "hooks.example.com" in text

@@ -69,6 +69,18 @@ def test_error_rate_ratio_when_live_has_no_errors() -> None:
     assert gate(many, "error_rate_ratio") == (FAIL, 3.0)
 
 
+def test_one_error_of_a_small_canary_does_not_fail_the_ratio() -> None:
+    """At 10 % the candidate sees 1/9 of live's traffic: live's floor must not be 9x lower
+    than anything the candidate can show, or its first 5xx fails the gate."""
+    gates = Gates(max_error_rate_ratio=2, min_requests=100)
+    one = judge(gates, window(139, 1), window(1361, 0), 30)
+    assert gate(one, "error_rate_ratio") == (PASS, 1.0)
+    assert gate(judge(gates, window(139, 3), window(1361, 0), 30), "error_rate_ratio")[0] == FAIL
+    # Live's own errors still raise the bar when it has them.
+    assert gate(judge(gates, window(139, 3), window(1361, 30), 30), "error_rate_ratio")[0] \
+        == PASS
+
+
 def test_ratio_gates_skipped_without_live_traffic() -> None:
     """At 100% the live backend gets nothing: ratios do not apply, absolute gates still do."""
     gates = Gates(max_error_rate=0.1, max_error_rate_ratio=2, max_p99_ratio=1.5,

@@ -56,21 +56,25 @@ def test_defaults() -> None:
     assert p.health_path == "/v2/health/ready"
 
 
-def test_gates_that_cannot_fail_keep_the_error_ceiling() -> None:
+def test_every_plan_keeps_an_error_ceiling() -> None:
     # Only a traffic minimum (e.g. `rollout start --min-requests 10`) must not promote a
-    # candidate that returns nothing but errors.
-    p = plan(gates={"min_requests": 10})
-    assert p.gates.min_requests == 10
-    assert p.gates.max_error_rate == DEFAULT_GATES.max_error_rate
-    # Any gate that can fail is taken as given.
-    assert plan(gates={"max_p99_ms": 300}).gates.max_error_rate is None
+    # candidate that returns nothing but errors; nor may latency or ratio gates alone (ratio
+    # gates are skipped while live has no traffic, latency gates pass fast errors).
+    for gates in ({"min_requests": 10}, {"max_p99_ms": 300}, {"max_error_rate_ratio": 2}):
+        assert plan(gates=gates).gates.max_error_rate == DEFAULT_GATES.max_error_rate
+    assert plan(gates={"min_requests": 10}).gates.min_requests == 10
+    # A ceiling the operator gives is kept; 1 opts out.
+    assert plan(gates={"max_error_rate": 0.2}).gates.max_error_rate == 0.2
+    assert plan(gates={"max_error_rate": 1}).gates.max_error_rate == 1
 
 
 @pytest.mark.parametrize(("data", "where"), [
     ({"backend": "red"}, "backend: unknown backend 'red'"),
     ({"steps": [10, 5]}, "steps[1]: steps must increase"),
-    ({"steps": [0, 50]}, "steps[0]: must be more than 0"),
-    ({"steps": [10, 101]}, "steps[1]: must be more than 0 and at most 100"),
+    ({"steps": [0, 50]}, "steps[0]: must be from 0.01 to 100"),
+    ({"steps": [10, 101]}, "steps[1]: must be from 0.01 to 100"),
+    ({"steps": [1e-9, 100]}, "steps[0]: must be from 0.01 to 100"),
+    ({"step": 1e-320}, "step: must be from 0.01 to 100"),
     ({"steps": [10.001]}, "steps[0]: resolution is 0.01"),
     ({"steps": []}, "steps: needs at least one weight"),
     ({"steps": "10,50"}, "steps: expected a list"),

@@ -36,7 +36,8 @@ async def test_switch_refuses_a_down_backend_unless_forced(blue: ModelServer) ->
 
         for bad, message in (({"to": "green", "force": "yes"}, "force: must be true or false"),
                              ({"to": "green", "bake": "later"}, "bake: expected a duration"),
-                             ({"to": "green", "bake": 0}, "bake: must be > 0"),
+                             ({"to": "green", "bake": 0}, "bake: must be at least 10ms"),
+                             ({"to": "green", "bake": "5ms"}, "bake: must be at least 10ms"),
                              ({"to": "red"}, "to: unknown backend 'red'")):
             r = await gw.admin.post(SWITCH, json=bad)
             assert r.status_code == 400, (bad, r.text)
@@ -81,6 +82,12 @@ async def test_bake_switches_back_on_failure(blue: ModelServer, green: ModelServ
             view = await rollout_view(gw)
             assert (view["kind"], view["phase"], view["baseline"]) == ("bake", "progressing",
                                                                        "blue")
+            # Canary calls that change nothing, or are refused, leave the bake watching.
+            r = await gw.admin.delete(f"/admin/routes/{ROUTE}/canary")
+            assert r.status_code == 200, r.text
+            r = await gw.admin.put(f"/admin/routes/{ROUTE}/canary", json={"weight": 10})
+            assert r.status_code == 400, r.text
+            assert (await rollout_view(gw))["phase"] == "progressing"
             await traffic.more(20)
             await set_faults(green.url, error_rate=1)
             view = await wait_phase(gw, "rolled_back", "promoted")

@@ -165,19 +165,25 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         backend = data.get("backend")
         if backend is not None and not isinstance(backend, str):
             raise InvalidRequest("backend: must be a string")
-        # Refuse bad input before the hook: a refused call must not pause a rollout either.
-        control.preview(name, lambda st, cfg: canary_change(st, cfg, backend, data["weight"]))
-        await _before_manual_change(gateway, name, request[ACTOR_KEY])
-        await control.set_canary(name, backend, data["weight"], actor=request[ACTOR_KEY],
-                                 reason=data.get("reason"))
+        await _canary(name, backend, data["weight"], request[ACTOR_KEY], data.get("reason"))
         return json_response(route_view(gateway, name))
 
     async def delete_canary(request: web.Request) -> web.Response:
         name = request.match_info["route"]
         control.route_config(name)
-        await _before_manual_change(gateway, name, request[ACTOR_KEY])
-        await control.set_canary(name, None, 0, actor=request[ACTOR_KEY])
+        await _canary(name, None, 0, request[ACTOR_KEY], None)
         return json_response(route_view(gateway, name))
+
+    async def _canary(name: str, backend: str | None, weight: Any, actor: str,
+                      reason: str | None) -> None:
+        # Refuse bad input before the hook, and change nothing for a no-op: a refused or
+        # empty call must not pause a rollout (or a blue-green bake) either.
+        current = control.state(name)
+        if control.preview(name, lambda st, cfg: canary_change(st, cfg, backend, weight)) \
+                == current:
+            return
+        await _before_manual_change(gateway, name, actor)
+        await control.set_canary(name, backend, weight, actor=actor, reason=reason)
 
     async def switch(request: web.Request) -> web.Response:
         name = request.match_info["route"]

@@ -225,10 +225,14 @@ class Monitoring:
             reason,
         )
 
-    def firing_alarms(self, route: str) -> list[str]:
-        """Names of the alarms firing for `route` now (a rollout gate may refuse on these)."""
+    def firing_alarms(self, route: str, backend: str | None = None) -> list[str]:
+        """Names of the alarms firing for `route` now (a rollout gate may refuse on these).
+
+        With `backend`, only alarms about that backend: its value came from it, or the rule
+        names it. An alarm on the live backend or on client input is no verdict on a canary."""
         return [s.rule.name for s in self._alarms.values()
-                if s.rule.route == route and s.state == FIRING]
+                if s.rule.route == route and s.state == FIRING
+                and (backend is None or s.backend == backend or s.rule.backend == backend)]
 
     def alarms_view(self) -> list[dict[str, Any]]:
         """Every rule with its threshold, state, last value and since when (dashboard, CLI)."""

@@ -133,9 +133,11 @@ def judge(
             results.append(_skip("error_rate_ratio", gates.max_error_rate_ratio,
                                  f"live has {live.requests} of {need} requests"))
         else:
-            # A live backend without errors would make any candidate error an infinite ratio:
-            # judge against one error in live's window, the smallest rate it could show.
-            base = max(live.errors, 1) / live.requests
+            # A live backend without errors would make any candidate error an infinite ratio.
+            # Floor live's rate at the smallest non-zero rate the *candidate* can show (one
+            # error in its window): at 10 % weight, live's own floor would be ~9x lower and a
+            # single 5xx from a healthy canary would fail the gate.
+            base = max(live.errors / live.requests, 1 / max(candidate.requests, 1))
             ratio = (cand_rate or 0.0) / base if enough else None
             results.append(_upper("error_rate_ratio", ratio, gates.max_error_rate_ratio, enough))
     if gates.max_p99_ms is not None:

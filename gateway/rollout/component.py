@@ -52,7 +52,7 @@ from gateway.rollout.controller import (
     RolloutState,
     advance,
 )
-from gateway.rollout.plan import PLAN_KEYS, RolloutPlan, parse_plan
+from gateway.rollout.plan import MIN_CHECK_INTERVAL, PLAN_KEYS, RolloutPlan, parse_plan
 from gateway.routing import Tap
 from gateway.schema import Node, parse_duration
 from gateway.state import RouteState
@@ -266,7 +266,9 @@ class Rollouts:
         if plan.gates.min_shadow_agreement is None:
             return None
         agreement = getattr(self._component("shadow"), "agreement", None)
-        if agreement is None or self.gateway.control.state(state.route).shadow is None:
+        # Only the candidate's own comparison counts: a shadow of another backend says
+        # nothing about it (then the gate is skipped).
+        if agreement is None or self.gateway.control.state(state.route).shadow != state.backend:
             return None
         try:
             pairs, rate = agreement(state.route, seconds)
@@ -282,7 +284,7 @@ class Rollouts:
         if firing is None:
             return None
         try:
-            return [str(name) for name in firing(state.route)]
+            return [str(name) for name in firing(state.route, state.backend)]
         except Exception:
             log.exception("firing alarms of route %s failed", state.route)
             return None
@@ -559,8 +561,8 @@ class Rollouts:
                 bake = parse_duration(data["bake"], "bake")
             except ConfigError as exc:
                 raise InvalidRequest(str(exc)) from None
-            if bake <= 0:
-                raise InvalidRequest("bake: must be > 0")
+            if bake < MIN_CHECK_INTERVAL:
+                raise InvalidRequest(f"bake: must be at least {MIN_CHECK_INTERVAL * 1000:g}ms")
         routing = self.gateway.control.state(route)
         plan = cfg.rollout or RolloutPlan()
         if to == routing.live:

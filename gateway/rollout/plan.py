@@ -57,14 +57,6 @@ class Gates:
     no_firing_alarms: bool = False
     min_requests: int = DEFAULT_MIN_REQUESTS
 
-    def failure_gates_off(self) -> bool:
-        """True when no gate could ever fail (only the traffic-volume minimum is set)."""
-        return not self.no_firing_alarms and all(
-            getattr(self, name) is None for name in (
-                "max_error_rate", "max_error_rate_ratio", "max_p99_ms", "max_p99_ratio",
-                "max_null_rate", "min_shadow_agreement")
-        )
-
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in ("max_error_rate", "max_error_rate_ratio", "max_p99_ms", "max_p99_ratio",
@@ -179,8 +171,8 @@ def parse_plan(node: Node, backends: set[str]) -> RolloutPlan:
 def _check_weight(value: Any, path: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigError(path, f"expected a weight in percent, got {value!r}")
-    if not 0 < value <= 100:
-        raise ConfigError(path, f"must be more than 0 and at most 100, got {value!r}")
+    if not 0.01 <= value <= 100:
+        raise ConfigError(path, f"must be from 0.01 to 100, got {value!r}")
     if abs(round(value * 100) - value * 100) > 1e-6:
         raise ConfigError(path, f"resolution is 0.01, got {value!r}")
     return float(value)
@@ -238,9 +230,11 @@ def _parse_gates(node: Node) -> Gates:
         min_requests=node.int("min_requests", DEFAULT_MIN_REQUESTS, lo=1, hi=10_000_000),
     )
     node.done()
-    if gates.failure_gates_off():
-        # Gates with nothing that can fail (e.g. only min_requests) would promote anything
-        # that gets traffic: keep the default error-rate ceiling (set it to 1 to opt out).
+    if gates.max_error_rate is None:
+        # Every plan keeps an absolute error ceiling: ratio gates are skipped while live has
+        # too little traffic (at 100 %, in a bake), and latency gates pass a candidate that
+        # fails fast, so without it a candidate answering only errors could be promoted.
+        # Set it to 1 to opt out.
         gates = replace(gates, max_error_rate=DEFAULT_GATES.max_error_rate)
     return gates
 
