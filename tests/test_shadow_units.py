@@ -14,7 +14,14 @@ from gateway.schema import Node
 from gateway.shadow.compare import Comparison
 from gateway.shadow.config import AUTO, LogConfig, ShadowConfig, parse_shadow
 from gateway.shadow.log import ComparisonLog
-from gateway.shadow.stats import MAX_CONFUSION, OTHER, ShadowStats, Tally, quantile
+from gateway.shadow.stats import (
+    MAX_CONFUSION,
+    OTHER,
+    SLOT_CONFUSION,
+    ShadowStats,
+    Tally,
+    quantile,
+)
 from tests.helpers import classifier_config, wait_for
 
 BACKENDS = {"blue", "green"}
@@ -157,6 +164,31 @@ def test_confusion_is_bounded() -> None:
         tally.add("disagree", None, None, comparison([(f"l{i}", "x")]))
     assert len(tally.confusion) == MAX_CONFUSION + 1
     assert tally.confusion[(OTHER, OTHER)] == 50
+
+
+def test_window_counts_the_current_second_exactly_while_past_seconds_are_cached() -> None:
+    clock = Clock()
+    stats = ShadowStats("r", "green", window=10, clock=clock)
+    stats.record("agree", 0.01, 0.01, comparison([("a", "a")]))
+    clock.now += 1
+    for n in range(1, 4):  # the same second: every new pair shows at once
+        stats.record("disagree", 0.01, 0.01, comparison([("a", "b")]))
+        assert stats.agreement(10) == (1 + n, 1 / (1 + n))
+        assert stats.agreement(5) == (1 + n, 1 / (1 + n))  # another span, its own cache
+    clock.now += 1
+    assert stats.agreement(1) == (0, None)  # the current second has nothing yet
+    assert stats.agreement(10) == (4, 0.25)
+
+
+def test_a_seconds_confusion_pairs_are_capped_lower_than_the_totals() -> None:
+    clock = Clock()
+    stats = ShadowStats("r", "green", window=300, clock=clock)
+    for i in range(SLOT_CONFUSION + 10):
+        stats.record("disagree", None, None, comparison([(f"l{i}", "x")]))
+    window = stats.window_tally()
+    assert len(window.confusion) == SLOT_CONFUSION + 1
+    assert window.confusion[(OTHER, OTHER)] == 10
+    assert len(stats.total.confusion) == SLOT_CONFUSION + 10  # under MAX_CONFUSION
 
 
 def test_quantile() -> None:

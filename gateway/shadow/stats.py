@@ -19,6 +19,9 @@ from gateway.metrics import FINE_BOUNDS
 from gateway.shadow.compare import Comparison
 
 MAX_CONFUSION = 1000
+# A second's tally keeps fewer pairs: a window of them is merged on the event loop (for
+# /metrics, the report, the rollout gate), and 300 s × 1000 pairs took ~100 ms to merge.
+SLOT_CONFUSION = 64
 OTHER = "(other)"
 OUTCOMES = ("agree", "disagree", "live_error", "shadow_error", "shadow_timeout", "unparsed")
 
@@ -30,11 +33,12 @@ class Tally:
         "second", "outcomes", "dropped", "dropped_down", "elements", "elements_agree", "labels",
         "labels_agree", "numbers", "numbers_agree", "delta_sum", "delta_max", "texts",
         "texts_agree", "similarity_sum", "mismatched", "confusion", "live_hist",
-        "shadow_hist", "live_sum", "shadow_sum",
+        "shadow_hist", "live_sum", "shadow_sum", "max_confusion",
     )
 
-    def __init__(self, second: int = -1) -> None:
+    def __init__(self, second: int = -1, max_confusion: int = MAX_CONFUSION) -> None:
         self.second = second
+        self.max_confusion = max_confusion
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.dropped = 0
         self.dropped_down = 0  # of which: not sent because the shadow was down (back-off)
@@ -58,7 +62,7 @@ class Tally:
 
     def _confuse(self, key: tuple[str, str], n: int) -> None:
         confusion = self.confusion
-        if key not in confusion and len(confusion) >= MAX_CONFUSION:
+        if key not in confusion and len(confusion) >= self.max_confusion:
             key = (OTHER, OTHER)
         confusion[key] = confusion.get(key, 0) + n
 
@@ -186,7 +190,8 @@ def _latency(hist: dict[int, int]) -> dict[str, Any]:
 class ShadowStats:
     """One (route, shadow backend): a ring of per-second tallies plus totals since start."""
 
-    __slots__ = ("route", "backend", "clock", "window", "since", "total", "_ring", "_current")
+    __slots__ = ("route", "backend", "clock", "window", "since", "total", "_ring", "_current",
+                 "_past", "_past_key")
 
     def __init__(self, route: str, backend: str, window: float,
                  clock: Callable[[], float] = time.time) -> None:
@@ -198,12 +203,16 @@ class ShadowStats:
         self.total = Tally()
         self._ring: list[Tally | None] = [None] * max(1, math.ceil(window))
         self._current = Tally()
+        # Per window span: its completed seconds, merged once per second (several readers
+        # ask for different spans: the report, /metrics, a rollout gate).
+        self._past: dict[int, Tally] = {}
+        self._past_key = -1
 
     def _slot(self) -> Tally:
         second = int(self.clock())
         slot = self._current
         if slot.second != second:
-            slot = Tally(second)
+            slot = Tally(second, SLOT_CONFUSION)
             self._ring[second % len(self._ring)] = slot
             self._current = slot
         return slot
@@ -227,11 +236,20 @@ class ShadowStats:
         ring = self._ring
         span = min(len(ring), max(1, math.ceil(self.window if seconds is None else seconds)))
         now = int(self.clock())
+        if self._past_key != now:
+            self._past, self._past_key = {}, now
+        past = self._past.get(span)
+        if past is None:  # completed seconds do not change: merge them once a second
+            past = self._past[span] = Tally()
+            for second in range(now - span + 1, now):
+                slot = ring[second % len(ring)]
+                if slot is not None and slot.second == second:
+                    past.merge(slot)
         out = Tally()
-        for second in range(now - span + 1, now + 1):
-            slot = ring[second % len(ring)]
-            if slot is not None and slot.second == second:
-                out.merge(slot)
+        out.merge(past)
+        current = ring[now % len(ring)]
+        if current is not None and current.second == now:
+            out.merge(current)
         return out
 
     def agreement(self, seconds: float) -> tuple[int, float | None]:
