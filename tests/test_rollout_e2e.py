@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.rollout.controller import RolloutState
+from gateway.rollout.plan import Gates, RolloutPlan
 from gateway.store import InMemoryStore
 from tests.helpers import ModelServer, classifier_config, model_server, running_gateway, wait_for
 from tests.test_rollout_support import (
@@ -302,3 +304,22 @@ async def test_a_new_gateway_takes_over_a_running_rollout_from_the_store(
             assert view["phase"] == "promoted", view
         assert gw.gateway.control.state(ROUTE).live == "green"
         assert traffic.count > 0
+
+
+async def test_shadow_agreement_gate_reads_only_the_candidates_own_comparison(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    """A shadow of another backend says nothing about the candidate: the gate is skipped."""
+    cfg = classifier_config(blue.url, green.url)
+    cfg["routes"][0]["backends"]["red"] = {"url": green.url}
+    async with running_gateway(cfg) as gw:
+        rollouts = gw.gateway.component("rollout")
+        plan = RolloutPlan(backend="green", gates=Gates(max_error_rate=0.05,
+                                                        min_shadow_agreement=0.9))
+        now = gw.gateway.clock()
+        state = RolloutState(route=ROUTE, backend="green", baseline="blue", started=now,
+                             step_started=now)
+        await gw.gateway.control.set_shadow(ROUTE, "red", 100, actor="test")
+        assert rollouts._shadow(state, plan, 10.0) is None
+        await gw.gateway.control.set_shadow(ROUTE, "green", 100, actor="test")
+        assert rollouts._shadow(state, plan, 10.0) == (0, None)  # green's own: no pairs yet
