@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import add
 
@@ -45,6 +45,25 @@ _PROM_INDEX = tuple(FINE_BOUNDS.index(b) for b in PROM_BOUNDS)
 WINDOW_SLOTS = 900  # one slot a second: 15 minutes, the dashboard's span
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 ERROR_KINDS = ("refused", "reset", "timeout", "error")
+
+
+def quantile(hist: Sequence[int], q: float) -> float | None:
+    """Upper bound (seconds) of the fine bucket holding the q-quantile; None without data."""
+    total = sum(hist)
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q * total))
+    seen = 0
+    for i, n in enumerate(hist):
+        seen += n
+        if seen >= rank:
+            return FINE_BOUNDS[min(i, len(FINE_BOUNDS) - 1)]
+    return FINE_BOUNDS[-1]
+
+
+def dense(hist: Mapping[int, int]) -> list[int]:
+    """A sparse {bucket: count} histogram as the dense list the functions here take."""
+    return [hist.get(i, 0) for i in range(N_BUCKETS)]
 
 
 class Slot:
@@ -82,16 +101,7 @@ class WindowSummary:
 
     def quantile(self, q: float) -> float | None:
         """Latency quantile in seconds (upper bound of the bucket it falls in)."""
-        total = sum(self.hist)
-        if total == 0:
-            return None
-        rank = math.ceil(q * total)
-        seen = 0
-        for i, n in enumerate(self.hist):
-            seen += n
-            if seen >= rank:
-                return FINE_BOUNDS[i] if i < len(FINE_BOUNDS) else FINE_BOUNDS[-1]
-        return FINE_BOUNDS[-1]
+        return quantile(self.hist, q)
 
     def counter(self, name: str) -> float:
         return self.counters.get(name, 0.0)

@@ -91,10 +91,6 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
         self._open = False
 
-    @property
-    def urls(self) -> list[str]:
-        return [t.url for t in self._targets]
-
     def counts(self) -> dict[str, Counts]:
         return {t.url: t.counts for t in self._targets}
 

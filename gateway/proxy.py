@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
@@ -223,9 +224,7 @@ class Proxy:
                         tap(exchange)
                     except Exception:
                         log.exception("tap failed on route %s", route.name)
-            if self.access_log_sample and (
-                self.access_log_sample >= 1 or os.urandom(1)[0] < self.access_log_sample * 256
-            ):
+            if self.access_log_sample and random.random() < self.access_log_sample:
                 access_log.info(
                     "request", extra={"request_id": request_id, "route": route.name,
                                       "backend": backend.name, "status": status,

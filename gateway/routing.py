@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -84,7 +83,6 @@ class Tap(Protocol):
     def __call__(self, exchange: Exchange) -> None: ...
 
 
-TapFactory = Callable[["RouteConfig", RouteState], "Tap | None"]
 
 
 @dataclass(frozen=True, slots=True)

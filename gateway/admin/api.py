@@ -30,7 +30,6 @@ log = logging.getLogger("modelgate.admin")
 GATEWAY_KEY: web.AppKey[Gateway] = web.AppKey("gateway")
 ACTOR_KEY = web.RequestKey("actor", str)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

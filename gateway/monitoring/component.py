@@ -34,7 +34,7 @@ from gateway.monitoring.alarms import (
     worst,
 )
 from gateway.monitoring.drift import FEATURE, LABEL, SCORE, Baseline, compare, families
-from gateway.monitoring.probes import RouteProbes
+from gateway.monitoring.probes import RouteProbes, cumulative_buckets
 from gateway.routing import Tap
 from gateway.schema import format_duration, parse_duration
 from gateway.state import RouteState
@@ -515,13 +515,13 @@ class Monitoring:
                 if probes.output is not None and probes.output.score is not None:
                     names = probes.output.score_names
                     if any(n in counters for n in names):
-                        score.add_metric(labels, _cumulative(
+                        score.add_metric(labels, cumulative_buckets(
                             probes.output.score_edges, [counters.get(n, 0.0) for n in names]),
                             totals.score_sum)
                 if probes.input is not None:
                     for bins in probes.input.features:
                         if bins.edges is not None and any(n in counters for n in bins.names):
-                            feature.add_metric([*labels, bins.probe.name], _cumulative(
+                            feature.add_metric([*labels, bins.probe.name], cumulative_buckets(
                                 bins.edges, [counters.get(n, 0.0) for n in bins.names]),
                                 None)
                 if state is None:
@@ -649,16 +649,6 @@ def _total(counters: dict[str, float], prefix: str) -> float:
 def _enough(baseline: Baseline, min_samples: int) -> bool:
     return any(sum(c.values()) >= min_samples
                for fams in baseline.counts.values() for c in fams.values())
-
-
-def _cumulative(edges: tuple[float, ...], counts: list[float]) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    running = 0.0
-    for edge, n in zip(edges, counts, strict=False):
-        running += n
-        out.append((f"{edge:g}", running))
-    out.append(("+Inf", running + counts[-1]))
-    return out
 
 
 def _r(value: float | None) -> float | None:

@@ -72,13 +72,20 @@ class Histogram:
         self.sum += value
 
     def buckets(self) -> list[tuple[str, float]]:
-        out: list[tuple[str, float]] = []
-        cumulative = 0
-        for edge, n in zip(self.edges, self.counts, strict=False):
-            cumulative += n
-            out.append((f"{edge:g}", cumulative))
-        out.append(("+Inf", cumulative + self.counts[-1]))
-        return out
+        return cumulative_buckets(self.edges, self.counts)
+
+
+def cumulative_buckets(edges: Sequence[float], counts: Sequence[float]
+                       ) -> list[tuple[str, float]]:
+    """Prometheus buckets (upper edge, cumulative count; +Inf last) from per-bin counts,
+    where ``counts[i]`` is the bin below ``edges[i]`` and ``counts[-1]`` the overflow."""
+    out: list[tuple[str, float]] = []
+    running = 0.0
+    for edge, n in zip(edges, counts, strict=False):
+        running += n
+        out.append((f"{edge:g}", running))
+    out.append(("+Inf", running + counts[-1]))
+    return out
 
 
 class ProbeTotals:

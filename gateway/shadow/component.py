@@ -49,7 +49,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.jsonpath import MISSING
-from gateway.metrics import FINE_BOUNDS, PROM_BOUNDS
+from gateway.metrics import dense, prom_buckets
 from gateway.routing import Backend, Exchange, Tap, bucket_of, threshold
 from gateway.schema import parse_duration
 from gateway.shadow.compare import Comparator, Comparison
@@ -66,7 +66,6 @@ log = logging.getLogger("modelgate.shadow")
 
 SHADOW_HEADER = "X-Modelgate-Shadow"
 _SKIP_HEADERS = frozenset({SHADOW_HEADER.lower(), "expect"})
-_PROM_INDEX = tuple(FINE_BOUNDS.index(b) for b in PROM_BOUNDS)
 DROP_WARNING_EVERY = 60.0
 # A shadow refusing connections is skipped for a while instead of being dialled per copy:
 # a failed connect costs about as much CPU as proxying a request.
@@ -522,7 +521,7 @@ class Shadowing:
                 delta.add_metric(labels, window.delta_max)
             for side, hist, total_sum in (("live", total.live_hist, total.live_sum),
                                           ("shadow", total.shadow_hist, total.shadow_sum)):
-                latency.add_metric([*labels, side], _prom_buckets(hist), total_sum)
+                latency.add_metric([*labels, side], prom_buckets(dense(hist)), total_sum)
         for name, lane in self._lanes.items():
             depth.add_metric([name], lane.queue.qsize())
         for path, writer in self._logs.items():
@@ -530,20 +529,6 @@ class Shadowing:
             log_lines.add_metric([path, "dropped"], writer.dropped)
         return [requests, dropped, elements, confusion, agreement, delta, latency, depth,
                 log_lines]
-
-
-def _prom_buckets(hist: dict[int, int]) -> list[tuple[str, float]]:
-    out: list[tuple[str, float]] = []
-    cumulative = 0
-    items = sorted(hist.items())
-    j = 0
-    for bound, idx in zip(PROM_BOUNDS, _PROM_INDEX, strict=True):
-        while j < len(items) and items[j][0] <= idx:
-            cumulative += items[j][1]
-            j += 1
-        out.append((f"{bound:g}", cumulative))
-    out.append(("+Inf", sum(hist.values())))
-    return out
 
 
 def _content_type(headers: Headers) -> str | None:

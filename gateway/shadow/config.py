@@ -44,7 +44,6 @@ PRESETS: dict[str, str] = {
     "openai_chat": "choices[0].message.content",
 }
 AUTO = "auto"  # pick the preset by the body's top-level key: outputs / predictions / choices
-WHOLE_BODY = "$"
 MAX_WINDOW = 3600.0
 
 

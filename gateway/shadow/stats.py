@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from gateway import metrics
 from gateway.metrics import FINE_BOUNDS
 from gateway.shadow.compare import Comparison
 
@@ -171,16 +172,7 @@ class Tally:
 
 def quantile(hist: dict[int, int], q: float) -> float | None:
     """Upper bound (seconds) of the bucket holding the q-quantile; None without data."""
-    total = sum(hist.values())
-    if total == 0:
-        return None
-    rank = max(1, math.ceil(q * total))
-    seen = 0
-    for i in sorted(hist):
-        seen += hist[i]
-        if seen >= rank:
-            return FINE_BOUNDS[min(i, len(FINE_BOUNDS) - 1)]
-    return FINE_BOUNDS[-1]
+    return metrics.quantile(metrics.dense(hist), q)
 
 
 def _latency(hist: dict[int, int]) -> dict[str, Any]:

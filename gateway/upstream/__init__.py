@@ -58,17 +58,6 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
 
-def hop_by_hop(headers: Headers) -> frozenset[str]:
-    """Hop-by-hop names for this message: the fixed set plus any named in `Connection`."""
-    extra = [
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    ]
-    return HOP_BY_HOP.union(extra) if extra else HOP_BY_HOP
-
-
 def make_upstream(origin: str, kind: str = "fast") -> Upstream:
     """`fast` (default): the httptools pool, ~3x the throughput; `aiohttp`: the reference."""
     if kind == "fast":
@@ -80,5 +69,4 @@ def make_upstream(origin: str, kind: str = "fast") -> Upstream:
     return AiohttpUpstream(origin)
 
 
-__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamResponse", "hop_by_hop",
-           "make_upstream"]
+__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamResponse", "make_upstream"]
