@@ -80,7 +80,7 @@ def test_backend_series_from_slots() -> None:
     stats.add("input_values", 20)
     stats.add("input_missing", 5)
     # three 5-second buckets ending at second 999: [985-989], [990-994], [995-999]
-    out = backend_series(stats.series(15, 5, now=999), 5)
+    out = backend_series(stats.series(15, 5, now=999))
     assert out["requests"] == [0, 18, 5]
     assert out["rps"] == [0.0, 3.6, 1.0]
     assert out["error_rate"] == [None, round(2 / 18, 4), 0.0]
@@ -89,7 +89,7 @@ def test_backend_series_from_slots() -> None:
     assert out["non_null"] == [None, None, 0.75]
     assert out["input_missing"] == [None, None, 0.25]
     # buckets from before the gateway started are blank, not zero
-    blanked = backend_series(stats.series(15, 5, now=999), 5, blank=1)
+    blanked = backend_series(stats.series(15, 5, now=999), blank=1)
     assert blanked["rps"] == [None, 3.6, 1.0]
     assert blanked["requests"] == [None, 18, 5]
 

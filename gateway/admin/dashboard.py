@@ -114,8 +114,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-def backend_series(buckets: Sequence[WindowSummary], step: int, blank: int = 0
-                   ) -> dict[str, list[Any]]:
+def backend_series(buckets: Sequence[WindowSummary], blank: int = 0) -> dict[str, list[Any]]:
     """Chart columns from per-step summaries: one value per bucket, None where undefined
     (no requests → no latency or error rate; no probed outputs → no non-null fraction) and
     for the first `blank` buckets (before the gateway started: not "0 req/s", but nothing)."""
@@ -125,16 +124,10 @@ def backend_series(buckets: Sequence[WindowSummary], step: int, blank: int = 0
     }
     for values in out.values():
         values.extend([None] * min(blank, len(buckets)))
-    for b in buckets[blank:]:
-        out["requests"].append(b.requests)
-        out["rps"].append(round(b.requests / step, 3))
-        out["p50_ms"].append(_ms(b.quantile(0.5)))
-        out["p99_ms"].append(_ms(b.quantile(0.99)))
-        out["error_rate"].append(_ratio(b.errors, b.requests))
-        probed = b.counter("output_total")
-        out["non_null"].append(
-            None if probed <= 0 else round(1.0 - b.counter("output_null") / probed, 4))
-        out["input_missing"].append(_ratio(b.counter("input_missing"), b.counter("input_values")))
+    for b in buckets[blank:]:  # each bucket is a `step`-second window: the same figures
+        row = backend_summary(b)
+        for name, values in out.items():
+            values.append(row[name])
     return out
 
 
@@ -146,7 +139,7 @@ def backend_summary(w: WindowSummary) -> dict[str, Any]:
         "rps": round(w.rate, 3),
         "p50_ms": _ms(w.quantile(0.5)),
         "p99_ms": _ms(w.quantile(0.99)),
-        "error_rate": w.error_rate if w.error_rate is None else round(w.error_rate, 4),
+        "error_rate": _ratio(w.errors, w.requests),
         "non_null": None if probed <= 0 else round(1.0 - w.counter("output_null") / probed, 4),
         "input_missing": _ratio(w.counter("input_missing"), w.counter("input_values")),
     }
@@ -333,7 +326,7 @@ class DashboardData:
             static = gateway.static[name]
             series = {
                 b: backend_series(stats.series(seconds, params.step, now=end)[first:],
-                                  params.step, blank - first)
+                                  blank - first)
                 for b, stats in static.stats.items()
             }
             summary = {b: backend_summary(stats.window(recent, now=end))
