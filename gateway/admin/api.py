@@ -20,7 +20,7 @@ from gateway.admin.auth import actor_for
 from gateway.admin.dashboard import add_dashboard_routes
 from gateway.admin.openapi import openapi_document
 from gateway.control import canary_change, rollback_change
-from gateway.errors import AdminError, InvalidRequest, ModelgateError
+from gateway.errors import AdminError, ConfigError, InvalidRequest, ModelgateError
 from gateway.state import RouteState
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except AdminError as exc:
         return error_response(exc.status, exc.code, exc.message)
+    except ConfigError as exc:  # a body or query value parsed with the config readers
+        return error_response(400, "invalid_request", str(exc))
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -23,7 +23,7 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway.config import RouteConfig
-from gateway.errors import ConfigError, Conflict, InvalidRequest, NotFound, VersionConflict
+from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
 from gateway.metrics import WindowSummary
 from gateway.monitoring.alarms import (
     FIRING,
@@ -620,10 +620,7 @@ class Monitoring:
 def _window(raw: Any, default: float) -> float:
     if raw is None:
         return default
-    try:
-        seconds = parse_duration(raw, "window")
-    except ConfigError as exc:
-        raise InvalidRequest(str(exc)) from None
+    seconds = parse_duration(raw, "window")
     if not 1 <= seconds <= MAX_WINDOW:
         raise InvalidRequest("window: must be between 1s and 15m")
     return seconds

@@ -437,10 +437,7 @@ class Rollouts:
         base = cfg.rollout.to_json() if cfg.rollout is not None else {}
         if any(k in body for k in ("steps", "step", "max_weight")):
             base.pop("steps", None)
-        try:
-            return parse_plan(Node({**base, **body}), set(cfg.backends))
-        except ConfigError as exc:
-            raise InvalidRequest(str(exc)) from None
+        return parse_plan(Node({**base, **body}), set(cfg.backends))
 
     async def pause(self, route: str, actor: str, reason: str | None = None) -> RolloutState:
         def change(state: RolloutState, plan: RolloutPlan) -> RolloutState:
@@ -557,10 +554,7 @@ class Rollouts:
         force = _bool(data, "force")
         bake: float | None = None
         if data.get("bake") is not None:
-            try:
-                bake = parse_duration(data["bake"], "bake")
-            except ConfigError as exc:
-                raise InvalidRequest(str(exc)) from None
+            bake = parse_duration(data["bake"], "bake")
             if bake < MIN_CHECK_INTERVAL:
                 raise InvalidRequest(f"bake: must be at least {MIN_CHECK_INTERVAL * 1000:g}ms")
         routing = self.gateway.control.state(route)

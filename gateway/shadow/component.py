@@ -444,10 +444,7 @@ class Shadowing:
             raw = request.query.get("window")
             seconds = None
             if raw is not None:
-                try:
-                    seconds = parse_duration(raw, "window")
-                except ConfigError as exc:
-                    raise InvalidRequest(str(exc)) from None
+                seconds = parse_duration(raw, "window")
             return json_response(self.report(name, seconds, request.query.get("backend")))
 
         app.router.add_get("/admin/routes/{route}/shadow", get_report)
