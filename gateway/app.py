@@ -99,10 +99,17 @@ class Gateway:
         self.admin_address: tuple[str, int] | None = None
 
     def component(self, name: str) -> Any:
+        found = self.find_component(name)
+        if found is None:
+            raise KeyError(name)
+        return found
+
+    def find_component(self, name: str) -> Any | None:
+        """The component named `name`, or None: features work with whichever others run."""
         for comp in self.components:
             if comp.name == name:
                 return comp
-        raise KeyError(name)
+        return None
 
     # -- routing snapshot ----------------------------------------------------------------------
     def _upstream(self, origin: str) -> Upstream:

@@ -192,7 +192,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
         data = await read_json(request, {"to", "reason", "force", "bake"}, {"to"})
         if not isinstance(data["to"], str):
             raise InvalidRequest("to: must be a backend name")
-        guard = getattr(_component(gateway, "rollout"), "guarded_switch", None)
+        guard = getattr(gateway.find_component("rollout"), "guarded_switch", None)
         if guard is not None:
             await guard(name, data, request[ACTOR_KEY])
         else:
@@ -260,16 +260,9 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     return app
 
 
-def _component(gateway: Gateway, name: str) -> Any:
-    try:
-        return gateway.component(name)
-    except KeyError:
-        return None
-
-
 async def _before_manual_change(gateway: Gateway, route: str, actor: str,
                                 stop: bool = False) -> None:
     """A manual canary change pauses a running rollout; a manual rollback aborts it."""
-    hook = getattr(_component(gateway, "rollout"), "on_manual_change", None)
+    hook = getattr(gateway.find_component("rollout"), "on_manual_change", None)
     if hook is not None:
         await hook(route, actor, stop)

@@ -211,21 +211,14 @@ def state_series(samples: Sequence[StateSample], times: Sequence[float], step: i
 
 
 def _agreement_fn(gateway: Gateway) -> Callable[[str, float], Any] | None:
-    try:
-        shadow = gateway.component("shadow")
-    except KeyError:
-        return None
-    found: Callable[[str, float], Any] | None = getattr(shadow, "agreement", None)
+    found: Callable[[str, float], Any] | None = getattr(
+        gateway.find_component("shadow"), "agreement", None)
     return found
 
 
 def _alarms(gateway: Gateway) -> list[dict[str, Any]] | None:
     """The monitoring component's alarm rules with their state; None when it has none."""
-    try:
-        monitoring = gateway.component("monitoring")
-    except KeyError:
-        return None
-    view = getattr(monitoring, "alarms_view", None)
+    view = getattr(gateway.find_component("monitoring"), "alarms_view", None)
     if view is None:
         return None
     return list(view())

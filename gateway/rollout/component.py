@@ -265,7 +265,7 @@ class Rollouts:
                 ) -> tuple[int, float | None] | None:
         if plan.gates.min_shadow_agreement is None:
             return None
-        agreement = getattr(self._component("shadow"), "agreement", None)
+        agreement = getattr(self.gateway.find_component("shadow"), "agreement", None)
         # Only the candidate's own comparison counts: a shadow of another backend says
         # nothing about it (then the gate is skipped).
         if agreement is None or self.gateway.control.state(state.route).shadow != state.backend:
@@ -280,19 +280,13 @@ class Rollouts:
     def _alarms(self, state: RolloutState, plan: RolloutPlan) -> list[str] | None:
         if not plan.gates.no_firing_alarms:
             return None
-        firing = getattr(self._component("monitoring"), "firing_alarms", None)
+        firing = getattr(self.gateway.find_component("monitoring"), "firing_alarms", None)
         if firing is None:
             return None
         try:
             return [str(name) for name in firing(state.route, state.backend)]
         except Exception:
             log.exception("firing alarms of route %s failed", state.route)
-            return None
-
-    def _component(self, name: str) -> Any:
-        try:
-            return self.gateway.component(name)
-        except KeyError:
             return None
 
     async def _carry_out(self, old: RolloutState, decision: Decision, plan: RolloutPlan) -> None:
