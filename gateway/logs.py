@@ -40,7 +40,8 @@ REDACTED = "[redacted]"
 _MARK = "_modelgate_handler"
 
 
-def _utc(created: float) -> str:
+def utc_text(created: float) -> str:
+    """``2026-01-01T12:00:00.000Z`` for an epoch time (logs and audit events)."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + (
         f".{int(created % 1 * 1000):03d}Z"
     )
@@ -63,7 +64,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
-            "time": _utc(record.created),
+            "time": utc_text(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -80,7 +81,7 @@ class TextFormatter(logging.Formatter):
     """``time level logger: message key=value ...`` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [_utc(record.created), record.levelname.lower(), f"{record.name}:",
+        parts = [utc_text(record.created), record.levelname.lower(), f"{record.name}:",
                  record.getMessage()]
         parts += [f"{k}={v}" for k, v in safe_extras(record).items()]
         line = " ".join(parts)

@@ -6,9 +6,10 @@ every change is a compare-and-set on `version` plus an audit event.
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from gateway.logs import utc_text
 
 WEIGHT_SCALE = 100  # weight percent × 100 = buckets out of 10,000 (0.01% resolution)
 BUCKETS = 100 * WEIGHT_SCALE
@@ -58,9 +59,7 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["timestamp"] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time)) + (
-            f".{int(self.time % 1 * 1000):03d}Z"
-        )
+        data["timestamp"] = utc_text(self.time)
         return data
 
     @classmethod

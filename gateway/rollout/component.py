@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -571,12 +572,9 @@ class Rollouts:
     async def _start_bake(self, cfg: RouteConfig, backend: str, baseline: str, bake: float,
                           base: RolloutPlan, actor: str) -> None:
         route = cfg.name
-        plan = RolloutPlan(
-            backend=backend, steps=(100.0,), interval=bake,
-            check_interval=min(base.check_interval, bake), window=base.window,
-            failure_threshold=base.failure_threshold, gates=base.gates,
-            health_path=base.health_path, health_timeout=base.health_timeout, smoke=base.smoke,
-        )
+        # The route's plan (gates, window, threshold, health check) as one 100 % step.
+        plan = dataclasses.replace(base, backend=backend, steps=(100.0,), interval=bake,
+                                   check_interval=min(base.check_interval, bake))
         async with self._lock(route):
             found = await self.gateway.store.read(rollout_key(route))
             now = self.gateway.clock()
