@@ -120,11 +120,11 @@ class Gateway:
 
     def _build_static(self) -> None:
         for route in self.config.routes:
+            stats = {name: self.recorder.stats(route.name, name) for name in route.backends}
             backends = {
-                name: Backend(name, [self._upstream(url) for url in b.urls])
+                name: Backend(name, [self._upstream(url) for url in b.urls], stats[name])
                 for name, b in route.backends.items()
             }
-            stats = {name: self.recorder.stats(route.name, name) for name in route.backends}
             self.static[route.name] = StaticRoute(
                 config=route,
                 backends=backends,

@@ -128,7 +128,7 @@ class Proxy:
         key = sticky_key_of(route.sticky, headers_in, request.query) if route.sticky else None
         override = headers_in.get(route.override_header) if route.override_header else None
         backend = route.pick(key, override)
-        stats = route.backend_stats(backend)
+        stats = backend.stats
 
         rec = self.gateway.recorder
         self.in_flight += 1

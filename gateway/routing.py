@@ -30,14 +30,26 @@ def threshold(weight_percent: float) -> int:
     return max(0, min(BUCKETS, round(weight_percent * WEIGHT_SCALE)))
 
 
+def in_sample(t: int, salt: bytes, key: str | None) -> bool:
+    """Whether a request with user `key` falls in the first `t` of 10,000 buckets: the canary
+    split and the shadow sample. Sticky per key; no key → a random draw per request."""
+    if t == 0:
+        return False
+    if t >= BUCKETS:
+        return True
+    b = bucket_of(salt, key) if key is not None else random.randrange(BUCKETS)
+    return b < t
+
+
 class Backend:
-    """A named version of the model; its URLs are balanced round-robin."""
+    """A named version of the model (of one route); its URLs are balanced round-robin."""
 
-    __slots__ = ("name", "upstreams", "_next")
+    __slots__ = ("name", "upstreams", "stats", "_next")
 
-    def __init__(self, name: str, upstreams: list[Upstream]) -> None:
+    def __init__(self, name: str, upstreams: list[Upstream], stats: BackendStats) -> None:
         self.name = name
         self.upstreams = upstreams
+        self.stats = stats  # bound once: the proxy records every answer here
         self._next = 0
 
     def upstream(self) -> Upstream:
@@ -101,8 +113,8 @@ class CompiledRoute:
 
     __slots__ = (
         "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
-        "shadow", "shadow_threshold", "sticky", "override_header", "timeouts", "max_body",
-        "taps", "needs_request_body", "needs_response_body", "live_stats", "canary_stats",
+        "sticky", "override_header", "timeouts", "max_body", "taps", "needs_request_body",
+        "needs_response_body",
     )
 
     def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
@@ -113,12 +125,8 @@ class CompiledRoute:
         self.static = static
         self.state = state
         self.live = static.backends[state.live]
-        self.live_stats = static.stats[state.live]
         self.canary = static.backends[state.canary] if state.canary else None
-        self.canary_stats = static.stats[state.canary] if state.canary else None
         self.canary_threshold = threshold(state.canary_weight) if self.canary else 0
-        self.shadow = static.backends[state.shadow] if state.shadow else None
-        self.shadow_threshold = threshold(state.shadow_sample) if self.shadow else 0
         self.sticky = cfg.sticky
         self.override_header = cfg.override_header
         self.timeouts: Timeouts = cfg.timeouts
@@ -141,27 +149,10 @@ class CompiledRoute:
             forced = self.static.backends.get(override)
             if forced is not None:
                 return forced
-        t = self.canary_threshold
-        if t == 0 or self.canary is None:
-            return self.live
-        if t >= BUCKETS:
-            return self.canary
-        b = bucket_of(self.static.salt, key) if key is not None else random.randrange(BUCKETS)
-        return self.canary if b < t else self.live
-
-    def mirrored(self, key: str | None) -> bool:
-        """Whether this request is copied to the shadow; sticky by user key like the split."""
-        t = self.shadow_threshold
-        if t == 0:
-            return False
-        if t >= BUCKETS:
-            return True
-        b = (bucket_of(self.static.shadow_salt, key) if key is not None
-             else random.randrange(BUCKETS))
-        return b < t
-
-    def backend_stats(self, backend: Backend) -> BackendStats:
-        return self.static.stats[backend.name]
+        canary = self.canary
+        if canary is not None and in_sample(self.canary_threshold, self.static.salt, key):
+            return canary
+        return self.live
 
 
 def sticky_key_of(sticky: StickyKey | None, headers: Any, query: Any) -> str | None:

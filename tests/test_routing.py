@@ -21,6 +21,7 @@ from gateway.routing import (
     CompiledRoute,
     RoutingTable,
     bucket_of,
+    in_sample,
     sticky_key_of,
     threshold,
 )
@@ -188,25 +189,27 @@ def test_override_header_is_off_unless_configured() -> None:
     assert route.override_header is None
 
 
+def mirrored(route: CompiledRoute, sample: float, key: str | None) -> bool:
+    """What the shadow tap decides: the route's shadow salt, the sample as a threshold."""
+    return in_sample(threshold(sample), route.static.shadow_salt, key)
+
+
 def test_shadow_is_sticky_and_independent_of_the_canary_split() -> None:
-    state = RouteState(live="blue", canary="green", canary_weight=50, shadow="red",
-                       shadow_sample=50)
+    state = RouteState(live="blue", canary="green", canary_weight=50)
     route = compiled(state)
-    mirrored = {k for k in KEYS if route.mirrored(k)}
+    shadowed = {k for k in KEYS if mirrored(route, 50, k)}
     canary = canary_set(route)
-    assert all(route.mirrored(k) for k in list(mirrored)[:500])  # sticky
-    assert 0.48 <= len(mirrored) / len(KEYS) <= 0.52
-    both = len(mirrored & canary) / len(KEYS)
+    assert all(mirrored(route, 50, k) for k in list(shadowed)[:500])  # sticky
+    assert 0.48 <= len(shadowed) / len(KEYS) <= 0.52
+    both = len(shadowed & canary) / len(KEYS)
     assert 0.235 <= both <= 0.265, both  # independent: 50% × 50%
 
 
-def test_shadow_sample_edges_and_no_key() -> None:
-    off = compiled(RouteState(live="blue"))
-    assert not any(off.mirrored(k) for k in KEYS[:1000])
-    full = compiled(RouteState(live="blue", shadow="green", shadow_sample=100))
-    assert all(full.mirrored(k) for k in KEYS[:1000])
-    half = compiled(RouteState(live="blue", shadow="green", shadow_sample=50))
-    draws = [half.mirrored(None) for _ in range(10_000)]
+def test_sample_edges_and_no_key() -> None:
+    route = compiled(RouteState(live="blue"))
+    assert not any(mirrored(route, 0, k) for k in KEYS[:1000])
+    assert all(mirrored(route, 100, k) for k in KEYS[:1000])
+    draws = [mirrored(route, 50, None) for _ in range(10_000)]
     assert 0.47 <= sum(draws) / len(draws) <= 0.53
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -50,13 +49,13 @@ from gateway.errors import (
 )
 from gateway.jsonpath import MISSING
 from gateway.metrics import dense, prom_buckets
-from gateway.routing import Backend, Exchange, Tap, bucket_of, threshold
+from gateway.routing import Backend, Exchange, Tap, in_sample, threshold
 from gateway.schema import parse_duration
 from gateway.shadow.compare import Comparator, Comparison
 from gateway.shadow.config import ShadowConfig
 from gateway.shadow.log import ComparisonLog
 from gateway.shadow.stats import OUTCOMES, ShadowStats
-from gateway.state import BUCKETS, RouteState
+from gateway.state import RouteState
 from gateway.upstream import Headers
 
 if TYPE_CHECKING:
@@ -137,15 +136,8 @@ class ShadowTap:
     def __call__(self, exchange: Exchange) -> None:
         if exchange.backend == self.backend.name:
             return  # the shadow served this request itself (override header, canary)
-        t = self.threshold
-        if t < BUCKETS:
-            if t == 0:
-                return
-            key = exchange.sticky_key
-            b = bucket_of(self.salt, key) if key is not None else random.randrange(BUCKETS)
-            if b >= t:
-                return
-        self.owner.offer(self, exchange)
+        if in_sample(self.threshold, self.salt, exchange.sticky_key):
+            self.owner.offer(self, exchange)
 
 
 class Shadowing:
