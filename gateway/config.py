@@ -26,6 +26,7 @@ from gateway.monitoring.config import (
 from gateway.rollout.plan import RolloutPlan, parse_plan
 from gateway.schema import NAME_RE, Node, check_http_url, parse_address
 from gateway.shadow.config import ShadowConfig, parse_shadow
+from gateway.state import weight_problem
 
 DEFAULT_LISTEN = ("127.0.0.1", 8000)
 DEFAULT_ADMIN_LISTEN = ("127.0.0.1", 8001)
@@ -239,9 +240,10 @@ def _parse_route(node: Node) -> RouteConfig:
             raise ConfigError(canary_node.key_path("backend"), f"unknown backend {canary!r}")
         if canary == live:
             raise ConfigError(canary_node.key_path("backend"), "canary must differ from live")
-        weight = canary_node.number("weight", 0.0, lo=0, hi=100)
-        if abs(weight * 100 - round(weight * 100)) > 1e-6:  # same rule as the admin API
-            raise ConfigError(canary_node.key_path("weight"), f"resolution is 0.01, got {weight!r}")
+        raw_weight = canary_node.raw("weight", 0.0)
+        if (problem := weight_problem(raw_weight)) is not None:
+            raise ConfigError(canary_node.key_path("weight"), problem)
+        weight = float(raw_weight)
         canary_node.done()
 
     sticky: StickyKey | None = None

@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
-from gateway.state import Event, RouteState
+from gateway.state import Event, RouteState, weight_problem
 from gateway.store import Store
 
 log = logging.getLogger("modelgate.control")
@@ -74,6 +74,10 @@ class ControlPlane:
 
     def states(self) -> dict[str, RouteState]:
         return dict(self._states)
+
+    def find_state(self, name: str) -> RouteState | None:
+        """The state this process routes on, or None for an unknown route (no copy)."""
+        return self._states.get(name)
 
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -250,7 +254,6 @@ def check_backend(route: RouteConfig, backend: Any, field: str) -> None:
 
 
 def check_weight(value: Any, field: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
-        raise InvalidRequest(f"{field}: must be a number from 0 to 100, got {value!r}")
-    if abs(round(value * 100) - value * 100) > 1e-6 or 0 < value < 0.01:
-        raise InvalidRequest(f"{field}: resolution is 0.01, got {value!r}")
+    problem = weight_problem(value)
+    if problem is not None:
+        raise InvalidRequest(f"{field}: {problem}")

@@ -6,6 +6,7 @@ every change is a compare-and-set on `version` plus an audit event.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -13,6 +14,20 @@ from gateway.logs import utc_text
 
 WEIGHT_SCALE = 100  # weight percent × 100 = buckets out of 10,000 (0.01% resolution)
 BUCKETS = 100 * WEIGHT_SCALE
+
+
+def weight_problem(value: Any, minimum: float = 0.0) -> str | None:
+    """Why `value` is not a traffic share (percent, in 0.01 steps), or None when it is one.
+
+    One rule for the config file, the admin API and rollout plans; each says it its way."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"expected a number, got {value!r}"
+    if not minimum <= value <= 100:
+        return f"must be a number from {minimum:g} to 100, got {value!r}"
+    scaled = value * WEIGHT_SCALE
+    if abs(round(scaled) - scaled) > 1e-6 or 0 < value < 1 / WEIGHT_SCALE:
+        return f"resolution is 0.01, got {value!r}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

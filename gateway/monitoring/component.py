@@ -171,7 +171,7 @@ class Monitoring:
 
     def _evaluate(self, status: AlarmStatus, windows: _Windows, now: float) -> str | None:
         rule = status.rule
-        state = self.gateway.control.states().get(rule.route)
+        state = self.gateway.control.find_state(rule.route)
         if state is None:
             return None
         candidates: list[tuple[str, float | None, float]] = []
@@ -502,7 +502,7 @@ class Monitoring:
                                 labels=["route", "backend", "family", "against"])
         now = self.clock()
         for route, probes in list(self._probes.items()):
-            state = self.gateway.control.states().get(route)
+            state = self.gateway.control.find_state(route)
             windows = _Windows(self.recorder, now)
             for backend, totals in probes.totals.items():
                 labels = [route, backend]

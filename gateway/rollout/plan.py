@@ -27,6 +27,7 @@ from typing import Any
 
 from gateway.errors import ConfigError
 from gateway.schema import Node
+from gateway.state import weight_problem
 
 DEFAULT_STEPS = (10.0, 50.0, 100.0)
 DEFAULT_INTERVAL = 60.0
@@ -169,12 +170,10 @@ def parse_plan(node: Node, backends: set[str]) -> RolloutPlan:
 
 
 def _check_weight(value: Any, path: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(path, f"expected a weight in percent, got {value!r}")
-    if not 0.01 <= value <= 100:
-        raise ConfigError(path, f"must be from 0.01 to 100, got {value!r}")
-    if abs(round(value * 100) - value * 100) > 1e-6:
-        raise ConfigError(path, f"resolution is 0.01, got {value!r}")
+    """A step's weight: a traffic share of at least 0.01 % (0 would be no step at all)."""
+    problem = weight_problem(value, minimum=0.01)
+    if problem is not None:
+        raise ConfigError(path, problem)
     return float(value)
 
 
