@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import orjson
+from rich.console import Console
 
 from gateway.admin.auth import TOKEN_ENV, read_token_file, token_file
 
@@ -95,6 +96,13 @@ class AdminClient:
 
     def close(self) -> None:
         self._client.close()
+
+
+def console() -> Console:
+    """Rich output; wide when piped so tables are not squeezed into 80 columns."""
+    tty = sys.stdout.isatty()
+    return Console(file=sys.stdout, width=None if tty else 200, highlight=False,
+                   soft_wrap=not tty)
 
 
 def print_json(data: Any) -> None:

@@ -14,10 +14,15 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from rich.console import Console
 from rich.table import Table
 
-from gateway.cli.client import AdminClient, CliError, add_client_arguments, print_json
+from gateway.cli.client import (
+    AdminClient,
+    CliError,
+    add_client_arguments,
+    console,
+    print_json,
+)
 from gateway.errors import ConfigError
 
 NONE = "-"
@@ -126,13 +131,6 @@ def _with_client(args: argparse.Namespace, action: Callable[[AdminClient], Any])
 
 def _route_path(route: str, suffix: str = "") -> str:
     return f"/admin/routes/{quote(route, safe='')}{suffix}"
-
-
-def console() -> Console:
-    """Rich output; wide when piped so tables are not squeezed into 80 columns."""
-    tty = sys.stdout.isatty()
-    return Console(file=sys.stdout, width=None if tty else 200, highlight=False,
-                   soft_wrap=not tty)
 
 
 def pct(value: Any) -> str:

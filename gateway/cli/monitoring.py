@@ -11,16 +11,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from rich.console import Console
 from rich.table import Table
 
-from gateway.cli.client import AdminClient, CliError, add_client_arguments, print_json
+from gateway.cli.client import (
+    AdminClient,
+    CliError,
+    add_client_arguments,
+    console,
+    print_json,
+)
 
 NONE = "-"
 
@@ -70,12 +74,6 @@ def _with_client(args: argparse.Namespace, action: Callable[[AdminClient], Any])
         return action(client)
     finally:
         client.close()
-
-
-def _console() -> Console:
-    tty = sys.stdout.isatty()
-    return Console(file=sys.stdout, width=None if tty else 200, highlight=False,
-                   soft_wrap=not tty)
 
 
 def _num(value: Any, digits: int = 4) -> str:
@@ -129,7 +127,7 @@ def list_alarms(args: argparse.Namespace) -> int:
         table.add_row(a["name"], a["route"], backend, f"{a['metric']} {a['comparison']} "
                       f"{threshold}", _duration(a["window"]), _duration(a["for"]),
                       f"[{style}]{a['state']}[/]", _num(a.get("value")), _ago(a.get("since")))
-    _console().print(table)
+    console().print(table)
     return 0
 
 
@@ -178,7 +176,7 @@ def drift(args: argparse.Namespace) -> int:
         print(f"route {args.route} has no probes: no drift to show")
         return 0
     base = data.get("baseline")
-    con = _console()
+    con = console()
     con.print(f"route {data['route']}, live {data['live']}, window {_duration(data['window'])}; "
               + (f"baseline taken {_ago(base['taken_at'])} by {base['source']} over "
                  f"{_duration(base['window'])}" if base else "no baseline yet"))
@@ -219,6 +217,6 @@ def probes(args: argparse.Namespace) -> int:
                       _num(row.get("null_rate")), _num(row.get("missing_rate")),
                       _num(row.get("schema_error_rate")), _num(row.get("error_body_rate")),
                       _num(row.get("mean_input_length")))
-    _console().print(f"route {data['route']}, last {_duration(data['window'])}")
-    _console().print(table)
+    console().print(f"route {data['route']}, last {_duration(data['window'])}")
+    console().print(table)
     return 0

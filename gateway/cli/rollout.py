@@ -15,13 +15,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from gateway.cli.client import AdminClient, CliError, add_client_arguments, print_json
+from gateway.cli.client import (
+    AdminClient,
+    CliError,
+    add_client_arguments,
+    console,
+    print_json,
+)
 
 TERMINAL = frozenset({"promoted", "rolled_back", "aborted"})
 VERDICT_STYLE = {"pass": "green", "fail": "bold red", "no_data": "yellow", "skipped": "dim"}
@@ -189,8 +195,7 @@ def _watch(args: argparse.Namespace, client: AdminClient) -> int:
             time.sleep(every)
             view = client.get(_path(args.route))
     else:
-        console = Console()
-        with Live(render(view), console=console, refresh_per_second=8,
+        with Live(render(view), console=console(), refresh_per_second=8,
                   auto_refresh=False) as live:
             while view.get("phase") not in TERMINAL:
                 time.sleep(every)
@@ -203,7 +208,7 @@ def _show(args: argparse.Namespace, view: dict[str, Any]) -> None:
     if args.json:
         print_json(view)
     else:
-        Console().print(render(view))
+        console().print(render(view))
 
 
 def step_bar(steps: list[float], step: int, phase: str) -> Text:

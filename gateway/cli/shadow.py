@@ -14,7 +14,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from gateway.cli.client import AdminClient, CliError, add_client_arguments, print_json
+from gateway.cli.client import (
+    AdminClient,
+    CliError,
+    add_client_arguments,
+    console,
+    print_json,
+)
 
 
 def register(sub: Any) -> None:
@@ -89,7 +95,7 @@ def shadow_report(args: argparse.Namespace) -> int:
     if args.json:
         print_json(report)
         return 0
-    render_report(report, Console(highlight=False))
+    render_report(report, console())
     return 0
 
 
