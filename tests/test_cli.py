@@ -34,6 +34,7 @@ from tests.helpers import (
     RunningGateway,
     classifier_config,
     infer_body,
+    refusing_port,
     running_gateway,
     wait_for,
 )
@@ -195,8 +196,8 @@ async def test_operator_errors(blue: ModelServer, green: ModelServer,
         assert await cli("status", "--admin", gw.admin_url, "--json") == 0
         assert orjson.loads(capsys.readouterr().out)["routes"][0]["name"] == "classifier"
 
-    port = free_port()  # nothing listens there now
-    assert await cli("status", "--admin", f"http://127.0.0.1:{port}", "--token", "x") == 1
+    async with refusing_port() as nowhere:
+        assert await cli("status", "--admin", nowhere, "--token", "x") == 1
     assert "cannot reach the admin API" in one_line(capsys.readouterr().err)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import httpx
@@ -15,6 +14,7 @@ from tests.helpers import (
     ModelServer,
     classifier_config,
     infer_body,
+    refusing_port,
     running_gateway,
     wait_for,
 )
@@ -25,12 +25,6 @@ PROBES: dict[str, Any] = {
               "features": {"sepal_length": "inputs[0].data[*][0]"}},
     "output": {"prediction": "outputs[0].data", "score": "outputs[1].data"},
 }
-
-
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -64,8 +58,13 @@ def test_add_many_feeds_windows_and_totals() -> None:
 
 
 async def test_exposition_has_the_contract_names(blue: ModelServer, green: ModelServer) -> None:
+    async with refusing_port() as down:
+        await _exposition_has_the_contract_names(blue, down)
+
+
+async def _exposition_has_the_contract_names(blue: ModelServer, down: str) -> None:
     config = classifier_config(
-        blue.url, f"http://127.0.0.1:{_closed_port()}", probes=PROBES,
+        blue.url, down, probes=PROBES,
         override_header="x-modelgate-backend",
         alarms=[{"name": "slow", "route": "classifier", "metric": "p99_ms",
                  "threshold": 1000, "window": "10s"}],

@@ -25,6 +25,7 @@ from tests.helpers import (
     ModelServer,
     RunningGateway,
     infer_body,
+    refusing_port,
     running_gateway,
     wait_for,
 )
@@ -178,17 +179,6 @@ async def raw_server(handler: RawHandler) -> AsyncIterator[str]:
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:
     return await reader.readuntil(b"\r\n\r\n")
-
-
-@asynccontextmanager
-async def refusing_port() -> AsyncIterator[str]:
-    """A port that is bound but not listening: connecting to it is refused, every time."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        sock.close()
 
 
 # -- gateway -------------------------------------------------------------------------------------

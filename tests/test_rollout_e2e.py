@@ -8,7 +8,13 @@ from typing import Any
 from gateway.rollout.controller import RolloutState
 from gateway.rollout.plan import Gates, RolloutPlan
 from gateway.store import InMemoryStore
-from tests.helpers import ModelServer, classifier_config, model_server, running_gateway, wait_for
+from tests.helpers import (
+    ModelServer,
+    classifier_config,
+    refusing_port,
+    running_gateway,
+    wait_for,
+)
 from tests.test_rollout_support import (
     ROLLOUT,
     ROUTE,
@@ -273,9 +279,8 @@ async def test_api_validation_conflicts_and_views(blue: ModelServer, green: Mode
 
 
 async def test_start_refuses_a_candidate_that_is_not_ready(blue: ModelServer) -> None:
-    async with model_server("v2") as dead:
-        dead_url = dead.url
-    async with running_gateway(classifier_config(blue.url, dead_url)) as gw:
+    async with refusing_port() as dead_url, \
+            running_gateway(classifier_config(blue.url, dead_url)) as gw:
         r = await gw.admin.post(ROLLOUT, json=plan())
         assert r.status_code == 409, r.text
         assert "not ready" in r.json()["message"] and "/v2/health/ready" in r.json()["message"]

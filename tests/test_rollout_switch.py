@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.helpers import ModelServer, classifier_config, model_server, running_gateway
+from tests.helpers import (
+    ModelServer,
+    classifier_config,
+    refusing_port,
+    running_gateway,
+)
 from tests.test_rollout_support import (
     ROLLOUT,
     ROUTE,
@@ -23,9 +28,8 @@ GATES: dict[str, Any] = {
 
 
 async def test_switch_refuses_a_down_backend_unless_forced(blue: ModelServer) -> None:
-    async with model_server("v2") as dead:
-        dead_url = dead.url  # the port is closed once the server is gone
-    async with running_gateway(classifier_config(blue.url, dead_url)) as gw:
+    async with refusing_port() as dead_url, \
+            running_gateway(classifier_config(blue.url, dead_url)) as gw:
         r = await gw.admin.post(SWITCH, json={"to": "green"})
         assert r.status_code == 409, r.text
         body = r.json()

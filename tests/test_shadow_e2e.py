@@ -25,6 +25,7 @@ from tests.helpers import (
     classifier_config,
     infer_body,
     model_server,
+    refusing_port,
     running_gateway,
     wait_for,
 )
@@ -321,13 +322,9 @@ async def test_queue_bytes_bound_drops_big_copies(blue: ModelServer, green: Mode
 @pytest.mark.parametrize("upstream", ["aiohttp", "fast"])
 async def test_down_shadow_counts_errors_clients_unaffected(blue: ModelServer,
                                                             upstream: str) -> None:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        down = f"http://127.0.0.1:{s.getsockname()[1]}"
-    config = classifier_config(blue.url, down, shadow={"backend": "green"})
-    async with running_gateway(config, upstream_kind=upstream) as gw:
+    async with refusing_port() as down, running_gateway(
+            classifier_config(blue.url, down, shadow={"backend": "green"}),
+            upstream_kind=upstream) as gw:
         rs = await asyncio.gather(*(gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
                                     for _ in range(30)))
         assert [r.status_code for r in rs] == [200] * 30
@@ -350,32 +347,37 @@ async def test_shadow_that_comes_back_is_used_again(blue: ModelServer,
     from gateway.demo.model_server import build_app
 
     monkeypatch.setattr(component, "BREAKER_COOLDOWN", 0.2)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = classifier_config(blue.url, f"http://127.0.0.1:{port}",
-                               shadow={"backend": "green", "senders": 1})
-    async with running_gateway(config) as gw:
-        for _ in range(10):
-            assert (await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
-                    ).status_code == 200
-        rep = await wait_mirrored(gw, 10)
-        total = rep["total"]
-        assert total["shadow_errors"] >= 5  # 5 refusals in a row open the breaker
-        assert total["dropped_shadow_down"] > 0
-        assert total["shadow_errors"] + total["dropped_shadow_down"] == 10
-        runner = web.AppRunner(build_app("v2"), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            async def agreed() -> bool:
-                r = await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
-                assert r.status_code == 200
-                return bool((await report(gw))["total"]["agree"])
+    # Bound but not listening (refused), until the shadow "comes back" on the same port.
+    down = socket.socket()
+    try:
+        down.bind(("127.0.0.1", 0))
+        port = down.getsockname()[1]
+        config = classifier_config(blue.url, f"http://127.0.0.1:{port}",
+                                   shadow={"backend": "green", "senders": 1})
+        async with running_gateway(config) as gw:
+            for _ in range(10):
+                assert (await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
+                        ).status_code == 200
+            rep = await wait_mirrored(gw, 10)
+            total = rep["total"]
+            assert total["shadow_errors"] >= 5  # 5 refusals in a row open the breaker
+            assert total["dropped_shadow_down"] > 0
+            assert total["shadow_errors"] + total["dropped_shadow_down"] == 10
+            down.close()
+            runner = web.AppRunner(build_app("v2"), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            try:
+                async def agreed() -> bool:
+                    r = await gw.client.post(INFER, json=infer_body([[5.1, 3.5, 1.4, 0.2]]))
+                    assert r.status_code == 200
+                    return bool((await report(gw))["total"]["agree"])
 
-            await wait_for(agreed, timeout=10, interval=0.05, message="the shadow is back")
-        finally:
-            await runner.cleanup()
+                await wait_for(agreed, timeout=10, interval=0.05, message="the shadow is back")
+            finally:
+                await runner.cleanup()
+    finally:
+        down.close()
 
 
 @pytest.mark.parametrize("upstream", ["aiohttp", "fast"])

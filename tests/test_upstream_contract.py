@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import json
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
@@ -28,6 +27,7 @@ from gateway.errors import (
     UpstreamTimeout,
 )
 from gateway.upstream import Body, Headers, Upstream, UpstreamResponse, make_upstream
+from tests.helpers import refusing_port
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -399,11 +399,9 @@ async def test_many_concurrent_requests(make: MakeUpstream) -> None:
 
 
 async def test_connection_refused(make: MakeUpstream) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.raises(UpstreamConnectError):
-        await make(f"http://127.0.0.1:{port}").send("GET", "/", [], None, T)
+    async with refusing_port() as url:
+        with pytest.raises(UpstreamConnectError):
+            await make(url).send("GET", "/", [], None, T)
 
 
 async def test_server_closes_without_answering(make: MakeUpstream) -> None:
