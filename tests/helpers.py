@@ -43,6 +43,14 @@ async def wait_for(
         await asyncio.sleep(interval)
 
 
+def free_port() -> int:
+    """A port free right now, for a server started in another process (which must bind it
+    itself). For a port that must refuse connections, use `refusing_port`."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @asynccontextmanager
 async def refusing_port() -> AsyncIterator[str]:
     """A URL whose port is bound but not listening: connecting is refused, every time.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from tests.helpers import (
     ModelServer,
     RunningGateway,
     classifier_config,
+    free_port,
     infer_body,
     refusing_port,
     running_gateway,
@@ -251,12 +251,6 @@ def test_admin_token_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) ->
     assert path.stat().st_mode & 0o777 == 0o600
     holder.remove()
     assert not path.exists()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextmanager

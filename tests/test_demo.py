@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,15 +17,9 @@ import pytest
 
 from gateway.admin.auth import STATE_DIR_ENV, TOKEN_ENV
 from gateway.demo.launcher import demo_config_file, demo_env, instructions, load_demo_config
-from tests.helpers import INFER, infer_body, wait_for
+from tests.helpers import INFER, free_port, infer_body, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def cli_env(state_dir: Path) -> dict[str, str]:
