@@ -16,7 +16,7 @@ from typing import Any
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
 from gateway.state import Event, RouteState, weight_problem
-from gateway.store import Store
+from gateway.store import Fence, Store
 
 log = logging.getLogger("modelgate.control")
 ROUTE_KEY = "route/"
@@ -112,8 +112,11 @@ class ControlPlane:
         actor: str,
         action: str,
         reason: str | None = None,
+        fence: Fence | None = None,
     ) -> RouteState:
-        """Apply `change` with compare-and-set, retrying on a lost race; record the event.
+        """Apply `change` with compare-and-set, retrying on a lost race; the change and its
+        audit event are one atomic commit. `fence` (the controller's lease) makes a process
+        that lost its lease fail with `LeaseLost` instead of writing.
 
         `change` validates against the current state and raises `InvalidRequest`/`Conflict`
         to refuse; then nothing is written.
@@ -127,16 +130,19 @@ class ControlPlane:
             new = change(current, route)
             if new == current:
                 return current
+            after = new.evolve(version=current.version + 1).to_json()
+            event = _event_doc(name, actor, action, current.to_json(), after, reason)
             try:
-                version = await self.store.write(
-                    route_key(name), new.evolve(version=0).to_json(), found[1]
+                version, stored = await self.store.commit(
+                    route_key(name), new.evolve(version=0).to_json(), found[1], event,
+                    fence=fence,
                 )
             except VersionConflict:
                 await asyncio.sleep(0)
                 continue
             new = new.evolve(version=version)
             self._accept(name, new.to_json(), version)
-            await self.record(name, actor, action, current.to_json(), new.to_json(), reason)
+            self._announce(Event.from_json(stored))
             return new
         raise Conflict(f"route {name!r} is changing too fast; try again")
 
@@ -151,28 +157,31 @@ class ControlPlane:
     ) -> Event:
         """Append an audit event (also for things that are not state writes, e.g. alarms)."""
         stored = await self.store.append_event(
-            {"time": time.time(), "route": route, "actor": actor, "action": action,
-             "before": before, "after": after, "reason": reason}
-        )
+            _event_doc(route, actor, action, before, after, reason))
         event = Event.from_json(stored)
+        self._announce(event)
+        return event
+
+    def _announce(self, event: Event) -> None:
         for listener in self._event_listeners:
             try:
                 listener(event)
             except Exception:
                 log.exception("event listener failed")
-        return event
 
-    async def events(self, limit: int = 100, route: str | None = None) -> list[Event]:
-        return [Event.from_json(e) for e in await self.store.events(limit, route)]
+    async def events(self, limit: int = 100, route: str | None = None,
+                     since: int | None = None) -> list[Event]:
+        return [Event.from_json(e) for e in await self.store.events(limit, route, since)]
 
     # -- the operations ------------------------------------------------------------------------
     async def set_canary(
         self, name: str, backend: str | None, weight: float, *, actor: str,
-        reason: str | None = None,
+        reason: str | None = None, fence: Fence | None = None,
     ) -> RouteState:
         check_weight(weight, "weight")
         return await self.mutate(name, lambda state, route: canary_change(
-            state, route, backend, weight), actor=actor, action="canary", reason=reason)
+            state, route, backend, weight), actor=actor, action="canary", reason=reason,
+            fence=fence)
 
     def preview(self, name: str, change: Callable[[RouteState, RouteConfig], RouteState]
                 ) -> RouteState:
@@ -181,7 +190,8 @@ class ControlPlane:
         return change(self.state(name), self.route_config(name))
 
     async def switch(
-        self, name: str, to: str, *, actor: str, reason: str | None = None
+        self, name: str, to: str, *, actor: str, reason: str | None = None,
+        fence: Fence | None = None,
     ) -> RouteState:
         """Blue-green: all traffic to `to` at once; the old live backend becomes the rollback
         target. Any canary split is cleared (the new live version takes everything)."""
@@ -194,7 +204,8 @@ class ControlPlane:
                 return state.evolve(canary=None, canary_weight=0.0)
             return state.evolve(live=to, previous=state.live, canary=None, canary_weight=0.0)
 
-        return await self.mutate(name, change, actor=actor, action="switch", reason=reason)
+        return await self.mutate(name, change, actor=actor, action="switch", reason=reason,
+                                 fence=fence)
 
     async def rollback(self, name: str, *, actor: str, reason: str | None = None) -> RouteState:
         """All traffic back to the last known-good version (see `rollback_change`)."""
@@ -216,6 +227,12 @@ class ControlPlane:
 
         action = "shadow" if backend is not None else "shadow_off"
         return await self.mutate(name, change, actor=actor, action=action, reason=reason)
+
+
+def _event_doc(route: str | None, actor: str, action: str, before: dict[str, Any] | None,
+               after: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+    return {"time": time.time(), "route": route, "actor": actor, "action": action,
+            "before": before, "after": after, "reason": reason}
 
 
 def canary_change(

@@ -8,7 +8,9 @@
     │   ├── NotFound           404
     │   └── Conflict           409: state does not allow it (nothing to roll back, ...)
     ├── StoreError             the routing-state store failed
-    │   └── VersionConflict    compare-and-set lost a race: re-read and try again
+    │   ├── VersionConflict    compare-and-set lost a race: re-read and try again
+    │   ├── StoreUnavailable   the store cannot be reached (Redis down)  → 503 on writes
+    │   └── LeaseLost          a fenced write by a process that no longer holds the lease
     └── UpstreamError          a backend call failed before the response started
         ├── UpstreamConnectError   refused / unreachable   → 502
         ├── UpstreamResetError     reset / closed early    → 502
@@ -69,6 +71,16 @@ class StoreError(ModelgateError):
 
 class VersionConflict(StoreError):
     """A compare-and-set write saw a newer version than expected."""
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached right now: routing goes on from the last snapshot, writes
+    are refused (503) until it is back."""
+
+
+class LeaseLost(StoreError):
+    """A write fenced by a lease was refused: this process no longer holds that lease, so
+    another one decides now."""
 
 
 class UpstreamError(ModelgateError):

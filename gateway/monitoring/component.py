@@ -262,7 +262,7 @@ class Monitoring:
             try:
                 if threshold is None:
                     if found is not None:
-                        await store.delete(key)
+                        await store.delete(key, found[1])
                 else:
                     await store.write(key, {"threshold": float(threshold)},
                                       found[1] if found else 0)
