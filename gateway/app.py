@@ -11,13 +11,20 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import secrets
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.web_server import Server
+from prometheus_client.core import GaugeMetricFamily, Metric
 
+from gateway import __version__
+from gateway.cluster.lease import Lease
+from gateway.cluster.members import Membership
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.control import ControlPlane
 from gateway.metrics import Recorder
@@ -75,12 +82,23 @@ class Gateway:
         admin_token: dict[str, str] | None = None,
         components: list[ComponentFactory] | None = None,
         clock: Callable[[], float] = time.time,
+        reuse_port: bool = False,
+        worker: int | None = None,
     ) -> None:
         self.config = config
+        # Workers of `serve --workers N` share the proxy port (SO_REUSEPORT); `worker` is this
+        # process's index among them (None: a single process).
+        self.reuse_port = reuse_port
+        self.worker = worker
         self.clock = clock
         self.store = store if store is not None else open_store(config.store)
+        # This process in the cluster: heartbeats under this id, holds the lease with it.
+        self.member_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.lease = Lease(self.store, self.member_id)
+        self.membership = Membership(self.store, self.member_id, self.member_info)
         self.control = ControlPlane(config, self.store)
         self.recorder = Recorder(clock)
+        self.recorder.add_collector("cluster", self._collect_cluster)
         self.tokens = dict(config.admin.tokens)
         if admin_token:
             self.tokens.update(admin_token)
@@ -155,12 +173,39 @@ class Gateway:
         self._on_state(name, self.control.state(name))
 
     # -- lifecycle -----------------------------------------------------------------------------
+    def member_info(self) -> dict[str, Any]:
+        """What this process tells the cluster about itself (``GET /admin/cluster``)."""
+        host = socket.gethostname()
+        admin = _url(host, *self.admin_address) if self.admin_address else None
+        return {"host": host, "pid": os.getpid(), "version": __version__,
+                "worker": self.worker, "address": [_url(host, h, p) for h, p in self.addresses],
+                "admin": admin,
+                "started": self.started_at, "ready": self.ready,
+                "leader": self._leader_now()}
+
+    def _leader_now(self) -> bool:
+        try:
+            return self.lease.held
+        except RuntimeError:  # no running loop (called from a thread)
+            return False
+
+    def _collect_cluster(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("modelgate_store_up",
+                               "1 when the routing-state store answered the last operation.")
+        up.add_metric([], 1.0 if self.store.up else 0.0)
+        held = GaugeMetricFamily("modelgate_controller_lease_held",
+                                 "1 on the one process that runs rollouts and alarms.")
+        held.add_metric([], 1.0 if self._leader_now() else 0.0)
+        yield up
+        yield held
+
     async def start(self, *, serve_proxy: bool = True, serve_admin: bool = True) -> None:
         self.started_at = time.time()
         await self.store.start()
         self._build_static()
         self.control.on_change(self._on_state)
         await self.control.start()
+        await self.lease.start()
         for comp in self.components:
             await comp.start()
         # Components may have changed what they tap now that they started.
@@ -172,7 +217,8 @@ class Gateway:
             await runner.setup()
             self._runners.append(runner)
             for host, port in self.config.listen:
-                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024,
+                                   reuse_port=self.reuse_port or None)
                 await site.start()
                 self.addresses.append(_bound(site, host, port))
         if serve_admin:
@@ -190,6 +236,7 @@ class Gateway:
         gc.collect()
         gc.freeze()
         self.ready = True
+        await self.membership.start()
         log.info("gateway ready", extra={"event": "ready", "listen": self.addresses,
                                          "admin": self.admin_address})
 
@@ -202,6 +249,8 @@ class Gateway:
             await asyncio.sleep(0.05)
 
     async def stop(self, drain_timeout: float | None = None) -> None:
+        # Hand the controller lease over first: another process takes over while we drain.
+        await self.lease.stop()
         await self.drain(drain_timeout)
         for runner in reversed(self._runners):
             await runner.cleanup()
@@ -211,6 +260,7 @@ class Gateway:
                 await comp.stop()
             except Exception:
                 log.exception("component %s failed to stop", comp.name)
+        await self.membership.stop()
         for upstream in self._upstreams.values():
             await upstream.close()
         await self.store.close()
@@ -223,3 +273,10 @@ def _bound(site: web.TCPSite, host: str, port: int) -> tuple[str, int]:
     if sockets:
         return host, int(sockets[0].getsockname()[1])
     return host, port
+
+
+def _url(hostname: str, host: str, port: int) -> str:
+    """An address other hosts can use: a wildcard listen address becomes the host name."""
+    if host in ("", "0.0.0.0", "::"):
+        host = hostname
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

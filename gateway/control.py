@@ -39,6 +39,7 @@ class ControlPlane:
         self._listeners: list[Listener] = []
         self._event_listeners: list[EventListener] = []
         store.watch(self._on_store_change)
+        store.on_reset(self._reseed)
 
     # -- reading -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -60,6 +61,26 @@ class ControlPlane:
                 found = await self.store.read(route_key(route.name))
             if found is not None:
                 self._accept(route.name, found[0], found[1])
+
+    async def _reseed(self) -> None:
+        """The store lost its data (a Redis restarted without persistence): write back the
+        state this process routes on, so traffic stays where it is rather than jumping back
+        to the config's starting state; the first replica to write wins, the others take its
+        copy. Versions start again at 1, so the old ones are forgotten first."""
+        for name, state in list(self._states.items()):
+            self._states[name] = state.evolve(version=0)
+            event = _event_doc(name, "gateway", "reseed", None, state.to_json(),
+                               "the store lost its data; seeded from the last routing state")
+            try:
+                await self.store.commit(route_key(name), state.evolve(version=0).to_json(), 0,
+                                        event)
+            except VersionConflict:
+                pass  # another process seeded it first: its copy arrives through the watch
+            found = await self.store.read(route_key(name))
+            if found is not None:
+                self._accept(name, found[0], found[1])
+        log.warning("store lost its data: routing state seeded again",
+                    extra={"event": "store_reseeded"})
 
     def route_config(self, name: str) -> RouteConfig:
         route = self._routes.get(name)

@@ -20,7 +20,7 @@ from gateway.admin.auth import actor_for
 from gateway.admin.dashboard import add_dashboard_routes
 from gateway.admin.openapi import openapi_document
 from gateway.control import canary_change, rollback_change
-from gateway.errors import AdminError, ConfigError, InvalidRequest, ModelgateError
+from gateway.errors import AdminError, ConfigError, InvalidRequest, ModelgateError, StoreError
 from gateway.state import RouteState
 
 if TYPE_CHECKING:
@@ -133,6 +133,44 @@ def route_view(gateway: Gateway, name: str) -> dict[str, Any]:
     return view
 
 
+def store_kind(gateway: Gateway) -> str:
+    return "redis" if gateway.store.shared else "memory"
+
+
+async def cluster_view(gateway: Gateway) -> dict[str, Any]:
+    """The processes sharing this gateway's store and which one holds the controller lease.
+
+    Answers during a store outage too, with what this process knows (itself)."""
+    lease = gateway.lease
+    view: dict[str, Any] = {
+        "self": gateway.member_id,
+        "store": {"kind": store_kind(gateway), "url": redacted_store_url(gateway.config.store),
+                  "up": gateway.store.up},
+        "lease": {"name": lease.name, "holder": None, "held_here": lease.held},
+        "members": [],
+    }
+    try:
+        view["lease"]["holder"] = await gateway.store.lease_holder(lease.name)
+        members = await gateway.store.members()
+    except StoreError as exc:
+        view["error"] = f"store unavailable: {exc}"
+        members = [dict(gateway.member_info(), id=gateway.member_id, heartbeat=None)]
+    holder = view["lease"]["holder"]
+    view["members"] = sorted(
+        ({**m, "leader": m.get("id") == holder} for m in members),
+        key=lambda m: (str(m.get("host")), m.get("worker") or 0, int(m.get("pid") or 0)),
+    )
+    return view
+
+
+def redacted_store_url(url: str) -> str:
+    """The store URL without its password (``redis://:secret@host`` → ``redis://***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
 def build_admin_app(gateway: Gateway) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=1024 * 1024)
@@ -140,7 +178,12 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     control = gateway.control
 
     async def healthz(request: web.Request) -> web.Response:
-        return json_response({"status": "ok", "version": __version__})
+        # Alive whatever the store does: a store outage degrades control, not routing, and
+        # a liveness probe that failed on it would restart every replica at once.
+        store_up = gateway.store.up
+        return json_response({"status": "ok" if store_up else "degraded",
+                              "version": __version__,
+                              "store": {"kind": store_kind(gateway), "up": store_up}})
 
     async def readyz(request: web.Request) -> web.Response:
         if gateway.ready:
@@ -151,6 +194,9 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(gateway.recorder.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def cluster(request: web.Request) -> web.Response:
+        return json_response(await cluster_view(gateway))
 
     async def list_routes(request: web.Request) -> web.Response:
         return json_response({"routes": [route_view(gateway, r.name)
@@ -232,10 +278,18 @@ def build_admin_app(gateway: Gateway) -> web.Application:
             raise InvalidRequest("limit: must be a whole number") from None
         if not 1 <= limit <= 10_000:
             raise InvalidRequest("limit: must be from 1 to 10000")
+        since: int | None = None
+        if "since" in request.query:
+            try:
+                since = int(request.query["since"])
+            except ValueError:
+                raise InvalidRequest("since: must be a whole number (an event id)") from None
+            if since < 0:
+                raise InvalidRequest("since: must be 0 or more")
         route = request.query.get("route")
         if route is not None:
             control.route_config(route)
-        found = await control.events(limit, route)
+        found = await control.events(limit, route, since)
         return json_response({"events": [e.to_json() for e in found]})
 
     async def openapi(request: web.Request) -> web.Response:
@@ -254,6 +308,7 @@ def build_admin_app(gateway: Gateway) -> web.Application:
     app.router.add_put("/admin/routes/{route}/shadow", put_shadow)
     app.router.add_delete("/admin/routes/{route}/shadow", delete_shadow)
     app.router.add_get("/admin/events", events)
+    app.router.add_get("/admin/cluster", cluster)
     for comp in gateway.components:
         comp.add_admin_routes(app)
     add_dashboard_routes(app, gateway)

@@ -82,10 +82,15 @@ CORE_PATHS: dict[str, Any] = {
         {"name": "step", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                    "maximum": 60}},
         {"name": "route", "in": "query", "schema": {"type": "string"}}])},
-    "/admin/events": {"get": _op("Audit events, newest last", route=False, query=[
+    "/admin/events": {"get": _op("Audit events, newest last (with since: the first limit "
+                                 "events after that id, a cursor)", route=False, query=[
         {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
                                                     "maximum": 10000}},
+        {"name": "since", "in": "query", "schema": {"type": "integer", "minimum": 0}},
         {"name": "route", "in": "query", "schema": {"type": "string"}}])},
+    "/admin/cluster": {"get": _op("The gateway processes sharing the store, their last "
+                                  "heartbeat, and which one holds the controller lease",
+                                  route=False)},
 }
 
 

@@ -213,7 +213,7 @@ def status(args: argparse.Namespace) -> int:
     def call(client: AdminClient) -> Any:
         if args.route:
             return client.get(_route_path(args.route))
-        return client.get("/admin/routes")
+        return {**client.get("/admin/routes"), "cluster": client.get("/admin/cluster")}
 
     data = _with_client(args, call)
     if args.json:
@@ -225,7 +225,31 @@ def status(args: argparse.Namespace) -> int:
         out.print(backends_table(data))
     else:
         out.print(routes_table(data.get("routes", [])))
+        out.print(cluster_table(data["cluster"]))
     return 0
+
+
+def cluster_table(view: dict[str, Any]) -> Table:
+    """The gateway processes sharing the store; `*` marks the controller lease holder."""
+    store = view.get("store") or {}
+    state = "up" if store.get("up") else "DOWN"
+    holder = (view.get("lease") or {}).get("holder") or "none"
+    table = Table(title=f"cluster: store {store.get('kind')} {store.get('url')} ({state}), "
+                        f"controller {holder}", title_justify="left")
+    for col in ("process", "host", "pid", "worker", "proxy", "admin", "version", "heartbeat"):
+        table.add_column(col)
+    now = time.time()
+    for m in view.get("members") or []:
+        beat = m.get("heartbeat")
+        age = f"{max(0.0, now - beat):.1f}s ago" if isinstance(beat, int | float) else NONE
+        marker = "*" if m.get("leader") else ""
+        table.add_row(f"{marker}{m.get('id')}", str(m.get("host")), str(m.get("pid")),
+                      NONE if m.get("worker") is None else str(m["worker"]),
+                      ", ".join(m.get("address") or []) or NONE, m.get("admin") or NONE,
+                      str(m.get("version")), age)
+    if view.get("error"):
+        table.caption = view["error"]
+    return table
 
 
 def _change(args: argparse.Namespace, method: str, suffix: str, body: dict[str, Any],
