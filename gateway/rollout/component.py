@@ -36,7 +36,9 @@ from gateway.errors import (
     ConfigError,
     Conflict,
     InvalidRequest,
+    LeaseLost,
     NotFound,
+    StoreUnavailable,
     VersionConflict,
 )
 from gateway.notify import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Notifier
@@ -101,6 +103,9 @@ class Rollouts:
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
         gateway.store.watch(self._on_store_change)
+        gateway.store.on_reset(self._reseed)
+        # Only the controller lease holder ticks rollouts; gaining the lease wakes it.
+        gateway.lease.on_change(lambda held: self._wake.set())
         gateway.recorder.add_collector("rollout", self._collect)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -165,11 +170,25 @@ class Rollouts:
             raise Conflict(f"rollout of route {route!r} is unreadable; see the gateway log")
         return cached
 
-    async def _write(self, state: RolloutState, plan: RolloutPlan, expected: int) -> int:
+    async def _write(self, state: RolloutState, plan: RolloutPlan, expected: int, *,
+                     fenced: bool = False) -> int:
+        """CAS-write the rollout document; `fenced` (the controller's own writes): refused
+        with `LeaseLost` once this process no longer holds the controller lease."""
         doc = {**state.to_json(), "plan": plan.to_json()}
-        version = await self.gateway.store.write(rollout_key(state.route), doc, expected)
+        fence = self.gateway.lease.fence if fenced else None
+        version = await self.gateway.store.write(rollout_key(state.route), doc, expected,
+                                                 fence=fence)
         self._on_store_change(rollout_key(state.route), doc, version)
         return version
+
+    async def _reseed(self) -> None:
+        """The store lost its data: write back the rollouts this process knows."""
+        for route, (state, plan, _) in list(self._docs.items()):
+            self._docs[route] = (state, plan, 0)
+            try:
+                await self._write(state, plan, 0)
+            except VersionConflict:
+                pass  # another process wrote it back first; its copy comes by the watch
 
     def _lock(self, route: str) -> asyncio.Lock:
         lock = self._locks.get(route)
@@ -184,6 +203,12 @@ class Rollouts:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
+            if not self.gateway.lease.held:
+                # Another process decides; a new holder starts each step's window afresh.
+                self._due.clear()
+                self._meters.clear()
+                await self._wake.wait()
+                continue
             now = loop.time()
             active = {r: p for r, (s, p, _) in self._docs.items() if s.phase == PROGRESSING}
             for route in list(self._due):
@@ -204,13 +229,18 @@ class Rollouts:
                     pass
                 continue
             for route, due in sorted(self._due.items(), key=lambda item: item[1]):
-                if due > loop.time() or route not in active:
+                if due > loop.time() or route not in active or not self.gateway.lease.held:
                     continue
                 interval = active[route].check_interval
                 nxt = due + interval
                 self._due[route] = nxt if nxt > loop.time() else loop.time() + interval
                 try:
                     await self.tick(route)
+                except LeaseLost:
+                    log.info("rollout tick of route %s: lease lost, another process decides",
+                             route)
+                except StoreUnavailable as exc:
+                    log.warning("rollout tick of route %s held: %s", route, exc)
                 except Exception:
                     log.exception("rollout tick of route %s failed", route)
 
@@ -231,7 +261,7 @@ class Rollouts:
                           f"rollout (expected {expected_live!r})")
                 new = state.evolve(phase=ABORTED, reason=reason, finished=now)
                 try:
-                    await self._write(new, plan, version)
+                    await self._write(new, plan, version, fenced=True)
                 except VersionConflict:
                     return None
                 await self._event(route, CONTROLLER, "rollout_abort", state, new, plan, reason)
@@ -239,7 +269,7 @@ class Rollouts:
             analysis = self._analyze(state, plan, now)
             decision = advance(state, analysis, now, plan)
             try:
-                await self._write(decision.state, plan, version)
+                await self._write(decision.state, plan, version, fenced=True)
             except VersionConflict:
                 return None  # an operator acted meanwhile: the next tick reads their change
             await self._carry_out(state, decision, plan)
@@ -295,6 +325,7 @@ class Rollouts:
         state = decision.state
         route = state.route
         control = self.gateway.control
+        fence = self.gateway.lease.fence
         if decision.action == "hold":
             if decision.verdict_changed:
                 await self._event(route, CONTROLLER, "rollout_check", old, state, plan,
@@ -303,7 +334,8 @@ class Rollouts:
         try:
             if decision.action == "rollback":
                 # First the traffic, then the paperwork: every millisecond here sends users to
-                # a failing backend.
+                # a failing backend. Unfenced: the decision is already stored, and a rollback
+                # is safe to carry out even if the lease just moved on.
                 if state.kind == BAKE:
                     await control.switch(route, state.baseline, actor=CONTROLLER,
                                          reason=decision.reason)
@@ -314,12 +346,12 @@ class Rollouts:
             elif decision.action == "advance":
                 self._meter(state, plan).mark(state.step_started, force=True)
                 await control.set_canary(route, state.backend, plan.steps[state.step],
-                                         actor=CONTROLLER, reason=decision.reason)
+                                         actor=CONTROLLER, reason=decision.reason, fence=fence)
                 action = "rollout_step"
             else:
                 if state.kind == CANARY:
                     await control.switch(route, state.backend, actor=CONTROLLER,
-                                         reason=decision.reason)
+                                         reason=decision.reason, fence=fence)
                 action = "rollout_promote"
         except AdminError as exc:
             await self._routing_refused(state, plan, exc)
