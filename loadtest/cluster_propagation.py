@@ -75,8 +75,9 @@ async def writer(store_url: str, trials: int, pause: float) -> list[float]:
     assert child.stdout is not None
     try:
         loop = asyncio.get_running_loop()
-        if (await loop.run_in_executor(None, child.stdout.readline)).strip() != "ready":
-            raise SystemExit("the follower did not start")
+        while (line := await loop.run_in_executor(None, child.stdout.readline)) != "ready\n":
+            if not line:
+                raise SystemExit("the follower did not start")
         returned: dict[int, float] = {}
         for i in range(trials):
             state = await gateway.control.set_canary("classifier", "green", float(i % 50 + 1),
