@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from gateway import __version__
 from gateway.cluster.lease import Lease
 from gateway.cluster.members import Membership
+from gateway.cluster.metrics import MetricsSource, metrics_source
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.control import ControlPlane
 from gateway.metrics import Recorder
@@ -98,6 +99,9 @@ class Gateway:
         self.membership = Membership(self.store, self.member_id, self.member_info)
         self.control = ControlPlane(config, self.store)
         self.recorder = Recorder(clock)
+        # What decisions read: this process's numbers, or with a shared store the cluster's.
+        self.metrics: MetricsSource = metrics_source(self.store, self.member_id, self.recorder,
+                                                     clock)
         self.recorder.add_collector("cluster", self._collect_cluster)
         self.tokens = dict(config.admin.tokens)
         if admin_token:
@@ -199,9 +203,14 @@ class Gateway:
         yield up
         yield held
 
-    async def start(self, *, serve_proxy: bool = True, serve_admin: bool = True) -> None:
+    async def start(self, *, serve_proxy: bool = True, serve_admin: bool = True,
+                    sockets: Sequence[socket.socket] = ()) -> None:
+        """Bring everything up; the proxy listens on `sockets` when given (listening sockets
+        inherited from a supervisor), else on the config's `listen` addresses."""
+
         self.started_at = time.time()
         await self.store.start()
+        await self.metrics.start()
         self._build_static()
         self.control.on_change(self._on_state)
         await self.control.start()
@@ -216,7 +225,11 @@ class Gateway:
             runner = web.ServerRunner(server, handle_signals=False)
             await runner.setup()
             self._runners.append(runner)
-            for host, port in self.config.listen:
+            for sock in sockets:
+                await web.SockSite(runner, sock).start()
+                host, port = sock.getsockname()[:2]
+                self.addresses.append((host, port))
+            for host, port in () if sockets else self.config.listen:
                 site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024,
                                    reuse_port=self.reuse_port or None)
                 await site.start()
@@ -263,6 +276,7 @@ class Gateway:
         await self.membership.stop()
         for upstream in self._upstreams.values():
             await upstream.close()
+        await self.metrics.stop()
         await self.store.close()
         gc.unfreeze()
 

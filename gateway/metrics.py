@@ -4,7 +4,9 @@ The hot path calls `BackendStats.observe()`: a few integer increments into the c
 one-second slot and into cumulative totals. Everything else reads from these at its own pace:
 the Prometheus collector (cumulative totals, at scrape time), the rollout gates and alarms
 (sliding windows over the slots), the dashboard (per-second series). prometheus-client's own
-Counter/Histogram objects would cost ~6-11 µs a request with locks; this costs ~1 µs.
+Counter/Histogram objects would cost ~6-11 µs a request with locks; this costs ~1 µs. With the
+Redis store, decisions read the sum of every process's slots instead (gateway.cluster.metrics
+publishes the completed ones off the hot path); Prometheus reads this process's.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import add
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (
@@ -23,6 +26,9 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+
+if TYPE_CHECKING:
+    from gateway.shadow.stats import ShadowStats
 
 # Prometheus histogram buckets (seconds) -- dashboards and alert rules rely on these.
 PROM_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -107,6 +113,54 @@ class WindowSummary:
         return self.counters.get(name, 0.0)
 
 
+@dataclass(frozen=True, slots=True)
+class Totals:
+    """A backend's cumulative numbers (this process's since it started; the cluster's since
+    this process began reading them): what the rollout gates difference into windows."""
+
+    requests: int
+    errors: int
+    latency_sum: float
+    hist: tuple[int, ...]
+    counters: tuple[tuple[str, float], ...]
+
+    def minus(self, base: Totals, seconds: float) -> WindowSummary:
+        counters = dict(self.counters)
+        for name, value in base.counters:
+            counters[name] = counters.get(name, 0.0) - value
+        return WindowSummary(
+            seconds=seconds,
+            requests=self.requests - base.requests,
+            errors=self.errors - base.errors,
+            latency_sum=self.latency_sum - base.latency_sum,
+            hist=[a - b for a, b in zip(self.hist, base.hist, strict=True)],
+            counters=counters,
+        )
+
+    def plus(self, other: Totals) -> Totals:
+        counters = dict(self.counters)
+        for name, value in other.counters:
+            counters[name] = counters.get(name, 0.0) + value
+        return Totals(self.requests + other.requests, self.errors + other.errors,
+                      self.latency_sum + other.latency_sum,
+                      tuple(a + b for a, b in zip(self.hist, other.hist, strict=True)),
+                      tuple(counters.items()))
+
+    def went_back(self, before: Totals) -> bool:
+        """Whether any number is lower than in `before`: the counters were reset, as
+        Prometheus' rate() would conclude."""
+        if (self.requests < before.requests or self.errors < before.errors
+                or self.latency_sum < before.latency_sum):
+            return True
+        if any(a < b for a, b in zip(self.hist, before.hist, strict=True)):
+            return True
+        now = dict(self.counters)
+        return any(now.get(name, 0.0) < value for name, value in before.counters)
+
+
+EMPTY = Totals(0, 0, 0.0, (0,) * N_BUCKETS, ())
+
+
 class BackendStats:
     """Everything measured about one backend of one route, in this process."""
 
@@ -176,6 +230,22 @@ class BackendStats:
             counters[name] = counters.get(name, 0.0) + value
             totals[name] = totals.get(name, 0.0) + value
 
+    def totals(self) -> Totals:
+        """The cumulative numbers now (5xx and anything the gateway answered for the backend
+        count as errors)."""
+        status = self.status_totals
+        return Totals(sum(status), status[5], self.latency_sum_total, tuple(self.hist_totals),
+                      tuple(self.counter_totals.items()))
+
+    def slot_at(self, second: int) -> Slot | None:
+        """The slot of one second, if it is still in the ring and saw anything."""
+        slot = self._slots[second % WINDOW_SLOTS]
+        return slot if slot is not None and slot.second == second else None
+
+    def put_slot(self, slot: Slot) -> None:
+        """Install a whole slot (a mirror of the cluster's sums; never the hot path's own)."""
+        self._slots[slot.second % WINDOW_SLOTS] = slot
+
     def slots(self, seconds: float, now: float | None = None) -> Iterator[Slot]:
         """Slots of the last `seconds` (the current, partial second included)."""
         now_s = int(self.clock() if now is None else now)
@@ -216,12 +286,17 @@ class BackendStats:
 
 
 class Recorder:
-    """Owns every metric of one gateway process and its Prometheus registry."""
+    """Owns every metric of one gateway process and its Prometheus registry.
+
+    It enumerates every number the process measures: the `BackendStats` of each (route,
+    backend) and the `ShadowStats` of each (route, shadow backend). The cluster metrics
+    publisher reads them from here."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self.registry = CollectorRegistry(auto_describe=False)
         self._stats: dict[tuple[str, str], BackendStats] = {}
+        self._shadow: dict[tuple[str, str], ShadowStats] = {}
         self.in_flight: dict[str, int] = {}
         self.gauges: dict[str, Callable[[], Iterable[Metric]]] = {}
         self.registry.register(_Collector(self))
@@ -236,6 +311,23 @@ class Recorder:
 
     def all_stats(self) -> list[BackendStats]:
         return list(self._stats.values())
+
+    def shadow_stats(self, route: str, backend: str, window: float) -> ShadowStats:
+        """The shadow comparison tallies of (route, shadow backend), created on first use
+        with a ring of `window` seconds."""
+        key = (route, backend)
+        found = self._shadow.get(key)
+        if found is None:
+            from gateway.shadow.stats import ShadowStats
+
+            found = self._shadow[key] = ShadowStats(route, backend, window, self.clock)
+        return found
+
+    def find_shadow_stats(self, route: str, backend: str) -> ShadowStats | None:
+        return self._shadow.get((route, backend))
+
+    def all_shadow_stats(self) -> list[ShadowStats]:
+        return list(self._shadow.values())
 
     def add_collector(self, name: str, collect: Callable[[], Iterable[Metric]]) -> None:
         """Extra metric families computed at scrape time (shadow, rollout, probes, loop lag)."""

@@ -4,6 +4,9 @@ The pieces the demo launcher reuses live here too: the event loop (uvloop when i
 logging, admin-token set-up and the graceful stop (drain, then close). The first SIGINT or
 SIGTERM drains in-flight requests (readyz answers 503 meanwhile) for up to ``drain_timeout``;
 a second one cuts the drain short.
+
+``--workers N`` (N > 1) starts a supervisor instead (gateway/cluster/workers.py): N processes
+of this same command, each a worker of `serve` here (`WorkerRole`).
 """
 
 from __future__ import annotations
@@ -16,19 +19,25 @@ import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.admin.auth import TOKEN_ENV, generate_token_file
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
 
+if TYPE_CHECKING:
+    from gateway.cluster.workers import WorkerRole
+
 log = logging.getLogger("modelgate")
 
 UPSTREAM_KINDS = ("aiohttp", "fast")
 NEEDS_SHARED_STORE = (
-    "--workers > 1 needs a shared store (store: redis://...), which comes with the Redis store"
+    "--workers > 1 needs a shared store: set store: redis://… in the config (with store: memory "
+    "every worker would route on its own state)"
 )
+
+
 def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop's loop when it is installed (the default on Linux/macOS), else asyncio's."""
     try:
@@ -58,8 +67,6 @@ def check_options(config: GatewayConfig, workers: int, upstream: str) -> str | N
         return "--workers must be at least 1"
     if workers > 1 and config.store == "memory":
         return NEEDS_SHARED_STORE
-    if workers > 1:
-        return "--workers > 1 is not available in this build yet (it comes with the Redis store)"
     if upstream not in UPSTREAM_KINDS:
         return f"--upstream must be one of {', '.join(UPSTREAM_KINDS)}"
     if upstream == "fast":
@@ -160,46 +167,85 @@ async def stop_gracefully(gateway: Any, signals: StopSignals) -> None:
     await gateway.stop(drain_timeout=0)
 
 
-async def serve(config: GatewayConfig, upstream: str = "fast") -> int:
-    """Start a gateway, print where it listens, run until a signal, then stop it cleanly."""
-    from gateway.app import Gateway
+async def serve(config: GatewayConfig, upstream: str = "fast", role: WorkerRole | None = None,
+                supervisor_pid: int | None = None) -> int:
+    """Start a gateway, print where it listens, run until a signal, then stop it cleanly.
+
+    As worker `role` of `serve --workers N` it shares the proxy port with the other workers
+    and reports "ready" (or why it cannot start) to the supervisor instead of printing it."""
+    who = "modelgate" if role is None else f"modelgate {role.name}"
+
+    def fail(message: str, code: int) -> int:
+        if role is not None:
+            role.report({"error": message})
+        else:
+            print(f"modelgate: {message}", file=sys.stderr, flush=True)
+        return code
 
     with StopSignals() as signals:
+        watchdog = None
+        if supervisor_pid is not None:
+            from gateway.cluster.workers import exit_with_parent
+
+            watchdog = asyncio.create_task(exit_with_parent(supervisor_pid))
         try:
-            gateway = Gateway(config, admin_token=env_tokens(), upstream_kind=upstream)
-        except ConfigError as exc:  # e.g. a store this build cannot open
-            print(f"modelgate: {config.source}: {exc}", file=sys.stderr)
-            return 2
-        token = AdminToken()
+            return await _serve(config, upstream, role, signals, fail, who)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+                await asyncio.gather(watchdog, return_exceptions=True)
+
+
+async def _serve(config: GatewayConfig, upstream: str, role: WorkerRole | None,
+                 signals: StopSignals, fail: Callable[[str, int], int], who: str) -> int:
+    from gateway.app import Gateway
+
+    try:
+        gateway = Gateway(config, admin_token=env_tokens(), upstream_kind=upstream,
+                                reuse_port=role is not None and role.reuse_port,
+                                worker=None if role is None else role.index)
+    except ConfigError as exc:  # e.g. a store this build cannot open
+        return fail(f"{config.source}: {exc}", 2)
+    token = AdminToken()
+    try:
         try:
-            try:
-                await gateway.start()
-            except BaseException as exc:
-                await gateway.stop(drain_timeout=0)  # close whatever did start
-                if not isinstance(exc, OSError):
-                    raise
-                print(f"modelgate: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-                return 1
-            assert gateway.admin_address is not None
-            written = token.ensure(gateway.tokens, gateway.admin_address[1])
-            if written is not None:
-                print(f"admin token generated: {written} (the modelgate CLI on this host "
-                      f"reads it; set {TOKEN_ENV} to choose one)", flush=True)
-            proxy_url, admin_url = describe_addresses(gateway)
+            await gateway.start(sockets=role.sockets() if role is not None else ())
+        except BaseException as exc:
+            await gateway.stop(drain_timeout=0)  # close whatever did start
+            if isinstance(exc, OSError):
+                return fail(f"cannot listen: {exc.strerror or exc}", 1)
+            if role is not None and isinstance(exc, Exception):  # e.g. store unreachable
+                return fail(f"cannot start: {exc}", 1)
+            raise
+        assert gateway.admin_address is not None
+        written = token.ensure(gateway.tokens, gateway.admin_address[1])
+        if written is not None:
+            print(f"admin token generated: {written} (the modelgate CLI on this host "
+                  f"reads it; set {TOKEN_ENV} to choose one)", flush=True)
+        proxy_url, admin_url = describe_addresses(gateway)
+        if role is not None:
+            role.report({"ready": True, "proxy": proxy_url, "admin": admin_url,
+                         "admin_port": gateway.admin_address[1], "pid": os.getpid()})
+        else:
             print(f"modelgate ready: proxy {proxy_url}  admin {admin_url}  (Ctrl-C to stop)",
                   flush=True)
-            name = await signals.wait()
-            print(f"modelgate: {name}: draining requests in flight, then stopping", flush=True)
-            await stop_gracefully(gateway, signals)
-        finally:
-            token.remove()
-    print("modelgate: stopped", flush=True)
+        name = await signals.wait()
+        print(f"{who}: {name}: draining requests in flight, then stopping", flush=True)
+        await stop_gracefully(gateway, signals)
+    finally:
+        token.remove()
+    print(f"{who}: stopped", flush=True)
     return 0
 
 
 def run_server(config_path: str, workers: int = 1, upstream: str = "fast",
-               log_level: str = "info", log_format: str = "json") -> int:
-    """`modelgate serve`: the exit code (2: bad config or options; 1: cannot listen)."""
+               log_level: str = "info", log_format: str = "json",
+               worker_index: int | None = None, worker_spec: str | None = None,
+               supervisor_pid: int | None = None) -> int:
+    """`modelgate serve`: the exit code (2: bad config or options; 1: cannot listen).
+
+    ``--workers N`` (N > 1) runs a supervisor (gateway/cluster/workers.py) that starts N
+    processes of this same command with the hidden ``--worker-index``/``--worker-spec``."""
     try:
         config = load_config(config_path)
     except ConfigError as exc:
@@ -210,4 +256,20 @@ def run_server(config_path: str, workers: int = 1, upstream: str = "fast",
         print(f"modelgate: {problem}", file=sys.stderr)
         return 2
     setup_logging(log_level, log_format)
-    return run_async(serve(config, upstream))
+    if workers > 1:
+        from gateway.cluster.workers import supervise
+
+        return run_async(supervise(config_path, config, workers, upstream, log_level,
+                                   log_format))
+    role = None
+    if worker_index is not None:
+        from gateway.cluster.workers import WorkerRole, WorkerSpec
+
+        try:
+            spec = WorkerSpec.from_json(worker_spec or "")
+        except ValueError as exc:
+            print(f"modelgate: {exc}", file=sys.stderr)
+            return 2
+        role = WorkerRole(worker_index, spec)
+        config = role.config(config)
+    return run_async(serve(config, upstream, role, supervisor_pid))

@@ -29,6 +29,12 @@ def token_file(admin_port: int) -> Path:
 def generate_token_file(admin_port: int) -> tuple[str, Path]:
     """Make a fresh token and write it to a 0600 file the CLI knows to look in."""
     token = secrets.token_urlsafe(32)
+    return token, write_token_file(admin_port, token)
+
+
+def write_token_file(admin_port: int, token: str) -> Path:
+    """Write `token` to the CLI's 0600 file for `admin_port` (a supervisor writes one token
+    for every worker's port)."""
     path = token_file(admin_port)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     # A fresh file that only we can read from its first byte, then renamed into place: an
@@ -42,7 +48,7 @@ def generate_token_file(admin_port: int) -> tuple[str, Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return token, path
+    return path
 
 
 def read_token_file(admin_port: int) -> str | None:

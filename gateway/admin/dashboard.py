@@ -7,7 +7,8 @@ to ``GET /admin/dashboard/data``, which the admin auth middleware guards like ev
 path.
 
 The data endpoint reads what already exists: per-second slots of each backend's
-`BackendStats` (throughput, latency, errors and the probes' named counters), the route states,
+`BackendStats` (throughput, latency, errors and the probes' named counters; through
+`gateway.metrics`, so with the Redis store the sum over every process), the route states,
 the monitoring component's alarms and the audit log. Routing state and shadow agreement have no
 history of their own, so `StateSampler` keeps a bounded ring of samples per route (one every
 `SAMPLE_SECONDS`), owned by the admin app: started on startup, cancelled and awaited on cleanup.
@@ -306,7 +307,8 @@ class DashboardData:
         n = max(1, seconds // params.step)
         start = end - n * params.step + 1
         times = [float(start + (i + 1) * params.step) for i in range(n)]
-        began = self.sampler.started
+        # The cluster's numbers go back before this process started; its own do not.
+        began = None if gateway.metrics.cluster else self.sampler.started
         # Drop the buckets from before the gateway started (keeping a short minimum span),
         # so a fresh gateway's charts are not a flat line squeezed against the right edge.
         blank = 0 if began is None else bisect.bisect_right(times, began)
@@ -315,15 +317,17 @@ class DashboardData:
         recent = SUMMARY_SECONDS if began is None else (
             max(1, min(SUMMARY_SECONDS, end + 1 - int(began))))
         routes = []
+        metrics = gateway.metrics  # with the Redis store: the sum over every process
         for name in names:
             static = gateway.static[name]
+            views = {b: metrics.backend(name, b) for b in static.stats}
             series = {
-                b: backend_series(stats.series(seconds, params.step, now=end)[first:],
+                b: backend_series(view.series(seconds, params.step, now=end)[first:],
                                   blank - first)
-                for b, stats in static.stats.items()
+                for b, view in views.items()
             }
-            summary = {b: backend_summary(stats.window(recent, now=end))
-                       for b, stats in static.stats.items()}
+            summary = {b: backend_summary(view.window(recent, now=end))
+                       for b, view in views.items()}
             samples = list(self.sampler.rings.get(name, ()))
             history = state_series(samples, times, params.step, static.stats)
             routes.append({"name": name, "state": route_view(gateway, name), "time": times,

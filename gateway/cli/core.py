@@ -36,10 +36,16 @@ def register(sub: Any) -> None:
                        description="Run the gateway until SIGINT/SIGTERM (then drain and stop).")
     p.add_argument("-c", "--config", required=True, metavar="FILE", help="config file (YAML)")
     p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (more than 1 needs a shared store)")
+                   help="worker processes on the same port, supervised (more than 1 needs a "
+                        "shared store: store: redis://…); worker i serves the admin API on "
+                        "the admin port + i")
     p.add_argument("--upstream", choices=UPSTREAM_KINDS, default="fast",
                    help="upstream client: fast (httptools keep-alive pool, default) or aiohttp")
     add_log_arguments(p, default_format="json")
+    # Set by the --workers supervisor (gateway/cluster/workers.py) and the demo's replicas.
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-spec", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=serve)
 
     p = sub.add_parser("check-config", help="validate a config file")
@@ -105,7 +111,9 @@ def serve(args: argparse.Namespace) -> int:
     from gateway.serve import run_server
 
     return run_server(args.config, workers=args.workers, upstream=args.upstream,
-                      log_level=args.log_level, log_format=args.log_format)
+                      log_level=args.log_level, log_format=args.log_format,
+                      worker_index=args.worker_index, worker_spec=args.worker_spec,
+                      supervisor_pid=args.supervisor_pid)
 
 
 def check_config(args: argparse.Namespace) -> int:

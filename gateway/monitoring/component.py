@@ -4,7 +4,9 @@ Hot path: a route with a ``probes:`` section gets one `RouteProbes` tap (built o
 across routing-state changes); a route without gets no tap and pays nothing. Everything else
 runs off the hot path: an evaluation task every `interval` seconds judges the alarm rules over
 the per-backend windows (and takes the automatic drift baselines), a second task measures
-event-loop lag, and the Prometheus families are computed at scrape time.
+event-loop lag, and the Prometheus families are computed at scrape time. Alarms, drift and the
+probe summaries read `gateway.metrics` (with the Redis store: the sum over every process);
+the Prometheus families stay this process's own.
 
 Run-time alarm thresholds live in the store (``alarm/<name>``, compare-and-set) so every
 replica applies the same one; each change is an audit event.
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
+from gateway.cluster.metrics import LocalMetrics, MetricsSource
 from gateway.config import RouteConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
 from gateway.metrics import WindowSummary
@@ -41,7 +44,6 @@ from gateway.state import RouteState
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.metrics import Recorder
 
 log = logging.getLogger("modelgate.monitoring")
 ALARM_KEY = "alarm/"
@@ -51,20 +53,23 @@ MAX_WINDOW = 900.0
 
 
 class _Windows:
-    """Window summaries computed at most once per (route, backend, seconds) in one tick."""
+    """Window summaries computed at most once per (route, backend, seconds) in one tick.
 
-    __slots__ = ("recorder", "now", "_cache")
+    Windows end `metrics.lag` before `now`: the cluster's current second is not published
+    before it is over, so its windows end at the last completed one."""
 
-    def __init__(self, recorder: Recorder, now: float) -> None:
-        self.recorder = recorder
-        self.now = now
+    __slots__ = ("metrics", "now", "_cache")
+
+    def __init__(self, metrics: MetricsSource, now: float) -> None:
+        self.metrics = metrics
+        self.now = now - metrics.lag
         self._cache: dict[tuple[str, str, float], WindowSummary] = {}
 
     def get(self, route: str, backend: str, seconds: float) -> WindowSummary:
         key = (route, backend, seconds)
         found = self._cache.get(key)
         if found is None:
-            found = self._cache[key] = self.recorder.stats(route, backend).window(
+            found = self._cache[key] = self.metrics.backend(route, backend).window(
                 seconds, self.now
             )
         return found
@@ -77,6 +82,8 @@ class Monitoring:
                  lag_interval: float = 0.5) -> None:
         self.gateway = gateway
         self.recorder = gateway.recorder
+        # Prometheus stays per process (it sums across pods); decisions read gateway.metrics.
+        self._local = LocalMetrics(gateway.recorder)
         self.clock = gateway.clock
         self.interval = interval
         self.lag_interval = lag_interval
@@ -162,7 +169,7 @@ class Monitoring:
         """One evaluation: automatic baselines, then every alarm rule."""
         now = self.clock() if now is None else now
         self._auto_baselines(now)
-        windows = _Windows(self.recorder, now)
+        windows = _Windows(self.gateway.metrics, now)
         for status in list(self._alarms.values()):
             before = status.state
             change = self._evaluate(status, windows, now)
@@ -348,7 +355,7 @@ class Monitoring:
 
     def _snapshot(self, route: str, window: float, source: str, now: float) -> Baseline:
         state = self.gateway.control.state(route)
-        windows = _Windows(self.recorder, now)
+        windows = _Windows(self.gateway.metrics, now)
         features = self._feature_names(route)
         baseline = Baseline(taken_at=now, source=source, window=window, live=state.live)
         for backend in self.gateway.control.route_config(route).backends:
@@ -384,7 +391,7 @@ class Monitoring:
             return {"route": route, "probes": False, "live": state.live, "window": window,
                     "baseline": None, "backends": {}}
         window = probes.config.drift.window if window is None else window
-        windows = _Windows(self.recorder, self.clock())
+        windows = _Windows(self.gateway.metrics, self.clock())
         features = probes.feature_names
         baseline = self._baselines.get(route)
         backends: dict[str, Any] = {}
@@ -413,10 +420,10 @@ class Monitoring:
     def probe_summary(self, route: str, window: float = 60.0) -> dict[str, Any]:
         """Per backend over the last `window`: the rates the probes measure."""
         probes = self.probes(route)
-        now = self.clock()
+        windows = _Windows(self.gateway.metrics, self.clock())
         out: dict[str, Any] = {}
         for backend in self.gateway.control.route_config(route).backends:
-            w = self.recorder.stats(route, backend).window(window, now)
+            w = windows.get(route, backend, window)
             c = w.counters
             row: dict[str, Any] = {"requests": w.requests, "error_rate": _r(w.error_rate)}
             if probes is not None:
@@ -503,7 +510,7 @@ class Monitoring:
         now = self.clock()
         for route, probes in list(self._probes.items()):
             state = self.gateway.control.find_state(route)
-            windows = _Windows(self.recorder, now)
+            windows = _Windows(self._local, now)
             for backend, totals in probes.totals.items():
                 labels = [route, backend]
                 if probes.input is not None and any(totals.request_bytes.counts):

@@ -2,11 +2,12 @@
 
 `judge()` is pure: given the two windows (and, when present, the shadow agreement and the
 firing alarms) it returns an `Analysis` with each gate's value and verdict. `Meter` builds the
-windows: it snapshots the cumulative per-backend totals of `BackendStats` at every check and at
-every step start, and a window is the difference of two snapshots. That is exact at check
-granularity, where `BackendStats.window()`'s one-second slots are not: a 300 ms window would
-see 0-1 s of traffic, and a step that began mid-second would be charged with the previous
-step's requests.
+windows: it snapshots the cumulative per-backend totals (`Totals`: this process's
+`BackendStats`, or with the Redis store the cluster's sums, gateway.cluster.metrics) at every
+check and at every step start, and a window is the difference of two snapshots. That is exact
+at check granularity, where `BackendStats.window()`'s one-second slots are not: a 300 ms window
+would see 0-1 s of traffic, and a step that began mid-second would be charged with the previous
+step's requests. (The cluster's totals trail by up to one publish interval, ~1 s.)
 
 Verdicts: ``pass``, ``fail``, ``no_data`` (too little traffic to judge: the step holds,
 neither a pass nor a failure) and ``skipped`` (the gate does not apply now, e.g. a ratio to the
@@ -16,13 +17,16 @@ comparison runs).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from gateway.metrics import N_BUCKETS, BackendStats, WindowSummary
+from gateway.metrics import EMPTY, Totals, WindowSummary
 from gateway.rollout.plan import Gates
+
+log = logging.getLogger("modelgate.rollout")
 
 PASS = "pass"
 FAIL = "fail"
@@ -214,35 +218,11 @@ def _fmt(value: float | None) -> str:
 
 
 # -- windows from cumulative totals ------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Totals:
-    requests: int
-    errors: int
-    latency_sum: float
-    hist: tuple[int, ...]
-    counters: tuple[tuple[str, float], ...]
+class HasTotals(Protocol):
+    """Where a backend's cumulative numbers come from: this process's `BackendStats`, or the
+    cluster's sums (gateway.cluster.metrics)."""
 
-    @classmethod
-    def of(cls, stats: BackendStats) -> Totals:
-        status = stats.status_totals
-        return cls(sum(status), status[5], stats.latency_sum_total, tuple(stats.hist_totals),
-                   tuple(stats.counter_totals.items()))
-
-    def minus(self, base: Totals, seconds: float) -> WindowSummary:
-        counters = dict(self.counters)
-        for name, value in base.counters:
-            counters[name] = counters.get(name, 0.0) - value
-        return WindowSummary(
-            seconds=seconds,
-            requests=self.requests - base.requests,
-            errors=self.errors - base.errors,
-            latency_sum=self.latency_sum - base.latency_sum,
-            hist=[a - b for a, b in zip(self.hist, base.hist, strict=True)],
-            counters=counters,
-        )
-
-
-EMPTY = Totals(0, 0, 0.0, (0,) * N_BUCKETS, ())
+    def totals(self) -> Totals: ...
 
 
 class Meter:
@@ -250,16 +230,33 @@ class Meter:
 
     Bounded: at most ~`SNAPSHOTS_PER_WINDOW` snapshots per window (closer ones are not kept
     unless forced, e.g. at a step start) and never more than `MAX_SNAPSHOTS`.
+
+    Counter resets: a snapshot with any number lower than the previous one's is taken as a
+    reset (as Prometheus' rate() does): the totals from before are carried as an offset, so the
+    snapshots stay monotone and no window is ever negative, whatever the source does.
     """
 
-    def __init__(self, stats: dict[str, BackendStats], window: float) -> None:
+    def __init__(self, stats: Mapping[str, HasTotals], window: float) -> None:
         self.stats = stats
         self.window = window
         self._spacing = window / SNAPSHOTS_PER_WINDOW
         self._snaps: deque[tuple[float, dict[str, Totals]]] = deque(maxlen=MAX_SNAPSHOTS)
+        self._raw: dict[str, Totals] = {}  # the last totals read, as read
+        self._offset: dict[str, Totals] = {}  # what resets took away, per backend
 
     def _take(self) -> dict[str, Totals]:
-        return {name: Totals.of(s) for name, s in self.stats.items()}
+        out: dict[str, Totals] = {}
+        for name, source in self.stats.items():
+            raw = source.totals()
+            last = self._raw.get(name)
+            if last is not None and raw.went_back(last):
+                log.warning("totals of backend %s went back: counted as a reset", name,
+                            extra={"event": "metrics_reset", "backend": name})
+                self._offset[name] = self._offset.get(name, EMPTY).plus(last)
+            self._raw[name] = raw
+            offset = self._offset.get(name)
+            out[name] = raw if offset is None else raw.plus(offset)
+        return out
 
     def mark(self, now: float, force: bool = False) -> dict[str, Totals]:
         """Snapshot now; kept if forced or far enough from the last kept one."""

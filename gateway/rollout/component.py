@@ -279,8 +279,9 @@ class Rollouts:
         found = self._meters.get(state.route)
         if found is not None and found[0] == state.started:
             return found[1]
-        stats = self.gateway.static[state.route].stats
-        meter = Meter({b: stats[b] for b in {state.backend, state.baseline}},
+        # The cluster's totals with the Redis store: the canary is judged on all its traffic.
+        metrics = self.gateway.metrics
+        meter = Meter({b: metrics.backend(state.route, b) for b in {state.backend, state.baseline}},
                       plan.analysis_window)
         self._meters[state.route] = (state.started, meter)
         return meter

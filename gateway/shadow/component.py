@@ -20,7 +20,9 @@ the gateway about as much CPU as a proxied request. Changing the shadow drops th
 queued for the old one.
 
 Reports: ``GET /admin/routes/{route}/shadow``, Prometheus ``modelgate_shadow_*``,
-``modelgate shadow-report ROUTE``, and `agreement()` for the rollout gates.
+``modelgate shadow-report ROUTE``, and `agreement()` for the rollout gates. The tallies belong
+to the `Recorder`; reports and agreement read them through `gateway.metrics` (with the Redis
+store: the sum over every process), Prometheus reads this process's own.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ from gateway.upstream import Headers
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+    from gateway.cluster.metrics import ShadowView
 
 log = logging.getLogger("modelgate.shadow")
 
@@ -145,12 +148,10 @@ class Shadowing:
 
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.clock = gateway.clock
         self._lanes: dict[str, _Lane] = {
             route.name: _Lane(route, route.shadow or ShadowConfig())
             for route in gateway.config.routes
         }
-        self._stats: dict[tuple[str, str], ShadowStats] = {}
         self._last_backend: dict[str, str] = {}
         self._logs: dict[str, ComparisonLog] = {}
         for route in gateway.config.routes:
@@ -348,22 +349,20 @@ class Shadowing:
 
     # -- reading -------------------------------------------------------------------------------
     def _stats_for(self, route: str, backend: str) -> ShadowStats:
-        key = (route, backend)
-        found = self._stats.get(key)
-        if found is None:
-            lane = self._lanes[route]
-            found = self._stats[key] = ShadowStats(route, backend, lane.config.window,
-                                                   self.clock)
-        return found
+        """This process's tallies (the recorder owns them, so the cluster publisher sees
+        them too)."""
+        return self.gateway.recorder.shadow_stats(route, backend,
+                                                  self._lanes[route].config.window)
 
-    def _stats_of(self, route: str, backend: str | None) -> ShadowStats | None:
-        """The stats of `backend`, else the current shadow's, else the last one used."""
+    def _stats_of(self, route: str, backend: str | None) -> ShadowView | None:
+        """What reports and gates read (with the Redis store: the sum over every process):
+        `backend`'s, else the current shadow's, else the last one used."""
         if backend is None:
             state = self.gateway.control.state(route)
             backend = state.shadow or self._last_backend.get(route)
         if backend is None:
             return None
-        return self._stats.get((route, backend))
+        return self.gateway.metrics.shadow(route, backend)
 
     def agreement(self, route: str, seconds: float) -> tuple[int, float | None]:
         """(pairs compared, agreement rate or None) over the last `seconds` of the route's
@@ -491,9 +490,9 @@ class Shadowing:
         log_lines = CounterMetricFamily(
             "modelgate_shadow_log_lines", "Comparison log lines, written or dropped.",
             labels=["file", "result"])
-        for (route, backend), stats in list(self._stats.items()):
+        for stats in self.gateway.recorder.all_shadow_stats():  # this process's: Prometheus
             total = stats.total
-            labels = [route, backend]
+            labels = [stats.route, stats.backend]
             for outcome in OUTCOMES:
                 requests.add_metric([*labels, outcome], total.outcomes[outcome])
             dropped.add_metric([*labels, "queue"], total.dropped - total.dropped_down)

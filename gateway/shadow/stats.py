@@ -223,6 +223,12 @@ class ShadowStats:
             slot.dropped_down += 1
             self.total.dropped_down += 1
 
+    def slot_at(self, second: int) -> Tally | None:
+        """The tally of one second, if it is still in the ring and saw anything."""
+        ring = self._ring
+        slot = ring[second % len(ring)]
+        return slot if slot is not None and slot.second == second else None
+
     def window_tally(self, seconds: float | None = None) -> Tally:
         """The sum of the last `seconds` (at most the configured window; current second in)."""
         ring = self._ring

@@ -1,0 +1,1 @@
+"""The pieces that make several gateway processes act as one."""
