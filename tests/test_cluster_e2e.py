@@ -23,7 +23,7 @@ from tests.helpers import (
     wait_for,
 )
 from tests.redis_server import RedisServer
-from tests.test_rollout_support import ROLLOUT, ROUTE, ROW, Traffic, wait_phase
+from tests.test_rollout_support import ROLLOUT, ROUTE, ROW, Traffic, set_faults, wait_phase
 
 BODY = orjson.dumps(infer_body(ROW))
 
@@ -203,3 +203,96 @@ class _Remote:
     def __init__(self, admin: httpx.AsyncClient) -> None:
         self.admin = admin
 
+
+
+def leader_and_follower(a: RunningGateway, b: RunningGateway
+                        ) -> tuple[RunningGateway, RunningGateway]:
+    assert a.gateway.lease.held != b.gateway.lease.held, "exactly one controller"
+    return (a, b) if a.gateway.lease.held else (b, a)
+
+
+async def test_a_canary_failing_only_on_the_other_replica_is_rolled_back(
+    blue: ModelServer, green: ModelServer, redis_server: RedisServer,
+) -> None:
+    """The controller's replica sees no traffic at all: only the cluster numbers can tell it
+    that the canary fails."""
+    config = classifier_config(blue.url, green.url, store=redis_server.url)
+    async with running_gateway(config) as a, running_gateway(config) as b:
+        leader, follower = leader_and_follower(a, b)
+        await set_faults(green.url, error_rate=1.0)
+        r = await follower.admin.post(ROLLOUT, json={
+            "backend": "green", "steps": [20, 50, 100], "interval": "2s",
+            "check_interval": "100ms", "window": "10s",
+            "gates": {"max_error_rate": 0.05, "min_requests": 5}})
+        assert r.status_code == 201, r.text
+        async with Traffic(follower.client, loops=3) as traffic:
+            done = await wait_phase(leader, "promoted", "rolled_back", "aborted", timeout=30)
+        assert done["phase"] == "rolled_back", done
+        assert follower.gateway.control.state(ROUTE).canary_weight == 0
+        assert leader.gateway.recorder.stats(ROUTE, "green").totals().requests == 0
+        assert any(x.status >= 500 for x in traffic.results)  # the canary did fail there
+        decided = [e for e in (await leader.admin.get("/admin/events")).json()["events"]
+                   if e["action"] == "rollout_rollback"]
+        assert len(decided) == 1 and decided[0]["actor"] == "controller"
+
+
+async def test_only_the_controller_evaluates_alarms_and_everyone_shows_them(
+    blue: ModelServer, green: ModelServer, redis_server: RedisServer,
+) -> None:
+    alarm = {"name": "blue-errors", "route": ROUTE, "metric": "error_rate", "backend": "blue",
+             "window": "30s", "op": ">", "threshold": 0.5, "for": "0s", "min_samples": 5}
+    config = classifier_config(blue.url, green.url, store=redis_server.url, alarms=[alarm])
+    async with running_gateway(config) as a, running_gateway(config) as b:
+        leader, follower = leader_and_follower(a, b)
+        await set_faults(blue.url, error_rate=1.0)
+        async with Traffic(follower.client, loops=2) as traffic:
+            await traffic.more(20)
+
+            async def firing_on(gw: RunningGateway) -> bool:
+                alarms = (await gw.admin.get("/admin/alarms")).json()["alarms"]
+                return any(x["name"] == "blue-errors" and x["state"] == "firing"
+                           for x in alarms)
+
+            await wait_for(lambda: firing_on(follower), timeout=20,
+                           message="the follower to show the controller's firing alarm")
+            assert await firing_on(leader)
+        events = (await a.admin.get("/admin/events")).json()["events"]
+        fired = [e for e in events if e["action"] == "alarm_firing"]
+        assert len(fired) == 1  # one controller: one event, not one per replica
+
+
+async def test_thresholds_and_drift_baselines_are_shared_and_outlive_a_process(
+    blue: ModelServer, green: ModelServer, redis_server: RedisServer,
+) -> None:
+    probes = {"path_suffix": "/infer", "output": {"prediction": "outputs[0].data"}}
+    alarm = {"name": "nulls", "route": ROUTE, "metric": "null_rate", "backend": "any",
+             "window": "30s", "threshold": 0.5}
+    config = classifier_config(blue.url, green.url, store=redis_server.url, probes=probes,
+                               alarms=[alarm])
+    async with running_gateway(config) as b:
+        async with running_gateway(config) as a:
+            async with Traffic(a.client, loops=2) as traffic:
+                await traffic.more(30)
+            r = await a.admin.put("/admin/alarms/nulls", json={"threshold": 0.25})
+            assert r.status_code == 200, r.text
+            taken = None
+
+            async def baseline() -> bool:
+                nonlocal taken
+                r = await a.admin.post(f"/admin/routes/{ROUTE}/drift/baseline",
+                                       json={"window": "1m"})
+                taken = r.json().get("baseline")
+                return r.status_code == 200  # 409 until the cluster numbers show traffic
+
+            await wait_for(baseline, timeout=10, message="a baseline to be taken")
+            assert taken is not None
+
+            async def shown(gw: RunningGateway) -> bool:
+                drift = (await gw.admin.get(f"/admin/routes/{ROUTE}/drift")).json()
+                alarms = (await gw.admin.get("/admin/alarms")).json()["alarms"]
+                return drift["baseline"] == taken and alarms[0]["threshold"] == 0.25
+
+            await wait_for(lambda: shown(b), timeout=5, message="b to show a's changes")
+        async with running_gateway(config) as c:  # a is gone; a new process starts
+            assert await shown(c)
+            assert await shown(b)

@@ -9,7 +9,10 @@ probe summaries read `gateway.metrics` (with the Redis store: the sum over every
 the Prometheus families stay this process's own.
 
 Run-time alarm thresholds live in the store (``alarm/<name>``, compare-and-set) so every
-replica applies the same one; each change is an audit event.
+replica applies the same one; each change is an audit event. So do the drift baselines
+(``baseline/<route>``). Only the controller lease holder evaluates alarms and takes the
+automatic baselines; it writes where every alarm stands (``alarm-state``) after each tick that
+changed anything, and every other process shows that (dashboard, API, CLI).
 """
 
 from __future__ import annotations
@@ -26,7 +29,14 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 
 from gateway.cluster.metrics import LocalMetrics, MetricsSource
 from gateway.config import RouteConfig
-from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
+from gateway.errors import (
+    Conflict,
+    InvalidRequest,
+    LeaseLost,
+    NotFound,
+    StoreError,
+    VersionConflict,
+)
 from gateway.metrics import WindowSummary
 from gateway.monitoring.alarms import (
     FIRING,
@@ -47,6 +57,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelgate.monitoring")
 ALARM_KEY = "alarm/"
+ALARM_STATE_KEY = "alarm-state"
+BASELINE_KEY = "baseline/"
+_STATUS_FIELDS = ("state", "since", "value", "backend", "samples", "last_value", "last_backend")
 CAS_ATTEMPTS = 20
 LAG_HISTORY = 120  # samples kept for the recent maximum (a minute at the default interval)
 MAX_WINDOW = 900.0
@@ -99,13 +112,17 @@ class Monitoring:
         self.loop_lag = 0.0
         self._lag_recent: deque[float] = deque(maxlen=LAG_HISTORY)
         self.recorder.add_collector("monitoring", self._collect)
+        self._published: dict[str, Any] | None = None  # the alarm-state doc last written
         gateway.store.watch(self._on_store_change)
+        gateway.store.on_reset(self._reseed)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         self._started = self.clock()
-        for key, (doc, _version) in (await self.gateway.store.read_all(ALARM_KEY)).items():
-            self._on_store_change(key, doc, 0)
+        store = self.gateway.store
+        for prefix in (ALARM_KEY, BASELINE_KEY, ALARM_STATE_KEY):
+            for key, (doc, version) in (await store.read_all(prefix)).items():
+                self._on_store_change(key, doc, version)
         self._tasks = [
             asyncio.create_task(self._evaluate_loop(), name="modelgate-monitoring-alarms"),
             asyncio.create_task(self._lag_loop(), name="modelgate-monitoring-loop-lag"),
@@ -126,10 +143,14 @@ class Monitoring:
     async def _evaluate_loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            if not self.gateway.lease.held:
+                continue  # another process evaluates; its results arrive as alarm-state
             try:
                 await self.tick()
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:
+                log.warning("alarm evaluation held: %s", exc, extra={"event": "alarm_error"})
             except Exception:
                 log.exception("alarm evaluation failed", extra={"event": "alarm_error"})
 
@@ -168,13 +189,29 @@ class Monitoring:
     async def tick(self, now: float | None = None) -> None:
         """One evaluation: automatic baselines, then every alarm rule."""
         now = self.clock() if now is None else now
-        self._auto_baselines(now)
+        await self._auto_baselines(now)
         windows = _Windows(self.gateway.metrics, now)
         for status in list(self._alarms.values()):
             before = status.state
             change = self._evaluate(status, windows, now)
             if change is not None:
                 await self._announce(status, change, before)
+        await self._publish_states()
+
+    async def _publish_states(self) -> None:
+        """Tell the other processes where every alarm stands (only when something moved)."""
+        doc = {name: {f: getattr(s, f) for f in _STATUS_FIELDS}
+               for name, s in self._alarms.items()}
+        if doc == self._published or not self._alarms:
+            return
+        store = self.gateway.store
+        found = await store.read(ALARM_STATE_KEY)
+        try:
+            await store.write(ALARM_STATE_KEY, doc, found[1] if found else 0,
+                              fence=self.gateway.lease.fence)
+        except (VersionConflict, LeaseLost):
+            return  # another controller wrote meanwhile; the next tick tries again
+        self._published = doc
 
     def _evaluate(self, status: AlarmStatus, windows: _Windows, now: float) -> str | None:
         rule = status.rule
@@ -287,6 +324,20 @@ class Monitoring:
         return status
 
     def _on_store_change(self, key: str, doc: dict[str, Any] | None, version: int) -> None:
+        if key == ALARM_STATE_KEY:
+            if doc is not None and not self.gateway.lease.held:
+                self._apply_states(doc)
+            return
+        if key.startswith(BASELINE_KEY):
+            route = key[len(BASELINE_KEY):]
+            if doc is None:
+                self._baselines.pop(route, None)
+                return
+            try:
+                self._baselines[route] = Baseline.from_doc(doc)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.warning("ignoring unreadable stored drift baseline for route %s", route)
+            return
         if not key.startswith(ALARM_KEY):
             return
         value = doc.get("threshold") if doc is not None else None
@@ -294,6 +345,28 @@ class Monitoring:
             log.warning("ignoring bad stored threshold for %s: %r", key, value)
             return
         self._apply_threshold(key[len(ALARM_KEY):], None if value is None else float(value))
+
+    def _apply_states(self, doc: dict[str, Any]) -> None:
+        """The lease holder's view of every alarm, on a process that does not evaluate."""
+        for name, fields in doc.items():
+            status = self._alarms.get(name)
+            if status is None or not isinstance(fields, dict):
+                continue
+            for f in _STATUS_FIELDS:
+                if f in fields:
+                    setattr(status, f, fields[f])
+
+    async def _reseed(self) -> None:
+        """The store lost its data: write back thresholds and baselines this process knows."""
+        docs = {BASELINE_KEY + route: b.to_doc() for route, b in self._baselines.items()}
+        docs.update({ALARM_KEY + name: {"threshold": s.threshold}
+                     for name, s in self._alarms.items() if s.threshold != s.rule.threshold})
+        self._published = None
+        for key, doc in docs.items():
+            try:
+                await self.gateway.store.write(key, doc, 0)
+            except VersionConflict:
+                pass  # another process wrote it back first
 
     def _apply_threshold(self, name: str, threshold: float | None) -> None:
         status = self._alarms.get(name)
@@ -339,7 +412,7 @@ class Monitoring:
         found = [v for k, v in values.items() if k.startswith(FEATURE) and v is not None]
         return (max(found) if found else None), _total(counters, FEATURE)
 
-    def _auto_baselines(self, now: float) -> None:
+    async def _auto_baselines(self, now: float) -> None:
         for route in self.gateway.config.routes:
             probes = self._route_probes(route)
             if probes is None or route.name in self._baselines:
@@ -349,6 +422,14 @@ class Monitoring:
                 continue
             baseline = self._snapshot(route.name, period, "auto", now)
             if _enough(baseline, probes.config.drift.min_samples):
+                try:  # only if none is stored: an earlier controller's stays the reference
+                    await self.gateway.store.write(BASELINE_KEY + route.name,
+                                                   baseline.to_doc(), 0)
+                except VersionConflict:
+                    found = await self.gateway.store.read(BASELINE_KEY + route.name)
+                    if found is not None:
+                        self._on_store_change(BASELINE_KEY + route.name, *found)
+                    continue
                 self._baselines[route.name] = baseline
                 log.info("drift baseline for route %s taken", route.name,
                          extra={"event": "drift_baseline", "route": route.name})
@@ -376,6 +457,16 @@ class Monitoring:
             raise Conflict(f"no probed traffic on route {route!r} in the last "
                            f"{format_duration(window)}: nothing to take a baseline of")
         before = self._baselines.get(route)
+        key = BASELINE_KEY + route
+        for _ in range(CAS_ATTEMPTS):
+            found = await self.gateway.store.read(key)
+            try:
+                await self.gateway.store.write(key, baseline.to_doc(), found[1] if found else 0)
+                break
+            except VersionConflict:
+                await asyncio.sleep(0)
+        else:
+            raise Conflict(f"drift baseline of route {route!r} is changing too fast; try again")
         self._baselines[route] = baseline
         await self.gateway.control.record(
             route, actor, "drift_baseline", before.to_json() if before else None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 PSI_EPSILON = 1e-4  # share given to an empty bin so ln() stays finite
 LABEL = "label:"
@@ -79,6 +80,20 @@ class Baseline:
             if found and sum(found.values()) >= min_samples:
                 return found
         return None
+
+    def to_doc(self) -> dict[str, Any]:
+        """Everything, counts included: the store keeps it so every process (and the next
+        controller after a failover) compares against the same reference."""
+        return {"taken_at": self.taken_at, "source": self.source, "window": self.window,
+                "live": self.live, "counts": self.counts}
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Baseline:
+        return cls(taken_at=float(doc["taken_at"]), source=str(doc["source"]),
+                   window=float(doc["window"]), live=str(doc["live"]),
+                   counts={str(b): {str(f): {str(k): float(v) for k, v in c.items()}
+                                    for f, c in fams.items()}
+                           for b, fams in doc.get("counts", {}).items()})
 
     def to_json(self) -> dict[str, object]:
         return {
