@@ -169,6 +169,8 @@ def one_run(procs: bench.Processes, workers: int, backend: bench.Proc, redis: be
         wall = time.monotonic() - started
         after = {name: cpu_seconds(pid) for name, pid in pids.items()}
         switches1 = {name: context_switches(pid) for name, pid in pids.items()}
+        rate_cpu_us, rate_errors = (fixed_rate(port, pids, args) if args.rate > 0
+                                    else (math.nan, 0))
     finally:
         bench.stop_process(gateway)
         procs.procs.remove(gateway)
@@ -177,6 +179,7 @@ def one_run(procs: bench.Processes, workers: int, backend: bench.Proc, redis: be
     gateway_cpu = sum(v for k, v in cpu.items() if k not in ("backend", "redis", "wrk"))
     return {
         "workers": workers, "rps": rps, "requests": requests, "errors": errors, "wall": wall,
+        "rate_cpu_us": rate_cpu_us, "rate_errors": rate_errors,
         "cpu_seconds": cpu,
         "gateway_cpu_us": gateway_cpu / requests * 1e6 if requests else math.nan,
         "cpu_us": {k: v / requests * 1e6 if requests else math.nan for k, v in cpu.items()},
@@ -184,6 +187,32 @@ def one_run(procs: bench.Processes, workers: int, backend: bench.Proc, redis: be
         "switches_per_req": {k: (switches1[k] - switches0[k]) / requests if requests
                              else math.nan for k in pids},
     }
+
+
+def fixed_rate(port: int, pids: dict[str, int], args: argparse.Namespace
+               ) -> tuple[float, int]:
+    """The gateway's CPU µs per request at a steady open-loop rate (bench.py's generator,
+    Poisson arrivals): below saturation every configuration wakes up for each request, so
+    this compares what each request costs, not how well a saturated loop batches."""
+    gateway = [pid for name, pid in pids.items() if name not in ("backend", "redis")]
+    argv = [sys.executable, str(Path(bench.__file__).resolve()), "loadgen", "--url",
+            f"http://127.0.0.1:{port}{bench.PATH}", "--rate", str(args.rate),
+            "--seconds", str(args.seconds), "--warmup", "1"]
+    before = sum(cpu_seconds(pid) for pid in gateway)
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             stdin=subprocess.DEVNULL)
+    try:
+        out, err = popen.communicate(timeout=args.seconds + 40)
+    finally:
+        if popen.poll() is None:
+            bench.stop_process(bench.Proc("loadgen", popen, Path(os.devnull)))
+    used = sum(cpu_seconds(pid) for pid in gateway) - before
+    if popen.returncode != 0:
+        raise bench.BenchError(f"load generator failed: {err.decode()[-2000:]}")
+    result = json.loads(out)
+    total = result["count"] * (1 + args.seconds) / args.seconds  # CPU spans warm-up too
+    errors = result.get("errors") or {}
+    return (used / total * 1e6 if total else math.nan), int(sum(errors.values()))
 
 
 def med(values: list[float]) -> float:
@@ -199,6 +228,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
         out[workers] = {
             "rps": med([r["rps"] for r in mine]),
             "gateway_cpu_us": med([r["gateway_cpu_us"] for r in mine]),
+            "rate_cpu_us": med([r["rate_cpu_us"] for r in mine]),
+            "rate_errors": sum(r["rate_errors"] for r in mine),
             "errors": sum(r["errors"] for r in mine),
             "cpu_us": {n: med([r["cpu_us"][n] for r in mine]) for n in names},
             "cores": {n: med([r["cores"][n] for r in mine]) for n in names},
@@ -211,19 +242,22 @@ def summarize(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 
 def print_table(summary: dict[int, dict[str, Any]], rounds: list[tuple[float, float]]) -> None:
     print()
-    print("| workers | req/s (median) | per round | gateway CPU µs/req | errors |")
-    print("|---|---|---|---|---|")
+    print("| workers | req/s (median) | per round | gateway CPU µs/req at max | errors | "
+          "gateway CPU µs/req at fixed rate | errors |")
+    print("|---|---|---|---|---|---|---|")
     for workers, s in summary.items():
         print(f"| {workers} | {s['rps']:.0f} | {', '.join(map(str, s['rounds']))} | "
-              f"{s['gateway_cpu_us']:.1f} | {s['errors']} |")
+              f"{s['gateway_cpu_us']:.1f} | {s['errors']} | {s['rate_cpu_us']:.1f} | "
+              f"{s['rate_errors']} |")
     if 1 in summary and 2 in summary:
         one, two = summary[1], summary[2]
         rps_ratio = med([b / a for a, b in rounds])
         print()
         print(f"throughput 2 workers / 1 worker: {rps_ratio:.2f}x (median of per-round "
               f"ratios; of medians {two['rps'] / one['rps']:.2f}x)")
-        print(f"gateway CPU per request 2 workers / 1 worker: "
-              f"{two['gateway_cpu_us'] / one['gateway_cpu_us']:.3f}")
+        print(f"gateway CPU per request 2 workers / 1 worker: at saturation "
+              f"{two['gateway_cpu_us'] / one['gateway_cpu_us']:.3f}, at the fixed rate "
+              f"{two['rate_cpu_us'] / one['rate_cpu_us']:.3f}")
     print()
     print("| workers | process | CPU µs/req | cores used | context switches/req |")
     print("|---|---|---|---|---|")
@@ -240,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--rate", type=float, default=1000.0,
+                        help="open-loop req/s for the fixed-rate CPU column (0: skip)")
     parser.add_argument("--json", metavar="FILE", help="also write every run here")
     args = parser.parse_args(argv)
     if not (1 <= args.rounds <= 20 and 1 <= args.seconds <= 120 and args.warmup <= 30):
