@@ -77,6 +77,7 @@ from gateway.metrics import (
     WindowSummary,
 )
 from gateway.shadow.stats import Tally
+from gateway.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -602,15 +603,7 @@ class ClusterMetrics:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # we are being cancelled ourselves: let it through
+        await cancel_and_wait(tasks)
         # This process's last numbers, the current second included: no more traffic comes.
         try:
             async with asyncio.timeout(STOP_FLUSH_TIMEOUT):

@@ -116,14 +116,29 @@ def load_demo_config(explicit: str | None, env: dict[str, str]) -> GatewayConfig
         return load_config(path, env=env)
 
 
+def _curl(proxy_url: str) -> str:
+    return (f"curl -s -H 'content-type: application/json' -H 'x-user-id: alice' "
+            f"-d {shlex.quote(SAMPLE_BODY)} {proxy_url}{INFER_PATH}")
+
+
+def _model_lines(model_urls: dict[str, str], token_note: str, shadow: bool) -> list[str]:
+    """The part of the banner every demo shape shares: model servers, token, shadow."""
+    lines = [f"  {name:<10} {url}  (model {MODEL_PORTS[name][0]})"
+             for name, url in model_urls.items()]
+    lines.append(f"  token      {token_note}")
+    if shadow:
+        lines.append("  shadow     green receives a copy of all traffic (its answers are compared, "
+                     "never returned)")
+    return lines
+
+
 def instructions(proxy_url: str, admin_url: str, model_urls: dict[str, str],
                  token_note: str, shadow: bool) -> str:
     """What the demo prints once everything is up: where things are, and lines to paste."""
     admin_flag = "" if admin_url == f"http://127.0.0.1:{DEFAULT_ADMIN_PORT}" else (
         f" --admin {admin_url}"
     )
-    curl = (f"curl -s -H 'content-type: application/json' -H 'x-user-id: alice' "
-            f"-d {shlex.quote(SAMPLE_BODY)} {proxy_url}{INFER_PATH}")
+    curl = _curl(proxy_url)
     lines = [
         "",
         "modelgate demo is running",
@@ -131,12 +146,7 @@ def instructions(proxy_url: str, admin_url: str, model_urls: dict[str, str],
         f"  admin API  {admin_url}",
         f"  dashboard  {admin_url}/dashboard",
     ]
-    for name, url in model_urls.items():
-        lines.append(f"  {name:<10} {url}  (model {MODEL_PORTS[name][0]})")
-    lines.append(f"  token      {token_note}")
-    if shadow:
-        lines.append("  shadow     green receives a copy of all traffic (its answers are compared, "
-                     "never returned)")
+    lines += _model_lines(model_urls, token_note, shadow)
     lines += [
         "",
         "Send a request:",
@@ -352,18 +362,12 @@ async def _stop_replicas(replicas: list[Replica], sig: int, timeout: float,
 def replica_instructions(replicas: list[Replica], model_urls: dict[str, str], store: str,
                          token_note: str, shadow: bool) -> str:
     first, other = replicas[0].admin_url, replicas[-1].admin_url
-    curl = (f"curl -s -H 'content-type: application/json' -H 'x-user-id: alice' "
-            f"-d {shlex.quote(SAMPLE_BODY)} {replicas[0].proxy_url}{INFER_PATH}")
+    curl = _curl(replicas[0].proxy_url)
     lines = ["", f"modelgate demo is running: {len(replicas)} gateway replicas sharing {store}"]
     for r in replicas:
         lines.append(f"  replica {r.index}  gateway {r.proxy_url}  admin API {r.admin_url}  "
                      f"(dashboard {r.admin_url}/dashboard, pid {r.proc.pid})")
-    for name, url in model_urls.items():
-        lines.append(f"  {name:<10} {url}  (model {MODEL_PORTS[name][0]})")
-    lines.append(f"  token      {token_note}")
-    if shadow:
-        lines.append("  shadow     green receives a copy of all traffic (its answers are compared, "
-                     "never returned)")
+    lines += _model_lines(model_urls, token_note, shadow)
     lines += [
         "",
         "Send a request (any replica's gateway port):",

@@ -51,6 +51,7 @@ from gateway.monitoring.probes import RouteProbes, cumulative_buckets
 from gateway.routing import Tap
 from gateway.schema import format_duration, parse_duration
 from gateway.state import RouteState
+from gateway.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -130,15 +131,7 @@ class Monitoring:
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # we are being cancelled ourselves: let it through
+        await cancel_and_wait(tasks)
 
     async def _evaluate_loop(self) -> None:
         while True:
