@@ -208,7 +208,8 @@ class RouteConfig:
 
 @dataclass(frozen=True, slots=True, config=MODEL)
 class AdminConfig:
-    listen: Address = DEFAULT_ADMIN_LISTEN
+    listen: Address = Field(default=DEFAULT_ADMIN_LISTEN,
+                            json_schema_extra={"default": "127.0.0.1:8001"})
     # token name -> secret; the name is the actor recorded in audit events. `token` (the
     # document's secret of the token named "admin"; empty = not configured here) joins them.
     tokens: dict[str, Secret] = Field(default_factory=dict)
@@ -221,7 +222,8 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True, config=MODEL)
 class GatewayConfig:
-    listen: Addresses = (DEFAULT_LISTEN,)
+    listen: Addresses = Field(default=(DEFAULT_LISTEN,),
+                              json_schema_extra={"default": "127.0.0.1:8000"})
     admin: AdminConfig = Field(default_factory=AdminConfig)
     store: Store = "memory"
     drain_timeout: Duration = 10.0

@@ -23,7 +23,6 @@ from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
 from annotated_types import GroupedMetadata
-
 from pydantic import (
     AfterValidator,
     ConfigDict,
@@ -50,6 +49,8 @@ _SIZE_UNITS = {
     None: 1, "b": 1, "kb": 1000, "kib": 1024, "mb": 1000**2, "mib": 1024**2,
     "gb": 1000**3, "gib": 1024**3,
 }
+# The same sizes for JSON Schema, whose patterns have no case-insensitive flag.
+_SIZE_PATTERN = r"^\s*\d+(\.\d+)?\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 ENV_PLACEHOLDER = {"type": "string", "pattern": r"^\$\{[A-Za-z_][A-Za-z0-9_]*(:-[^}]*)?\}$"}
 
@@ -306,7 +307,7 @@ def size(least: int = 0, least_text: str = "") -> Typed:
 
     return typed(check, {"anyOf": [
         {"type": "integer", "minimum": least},
-        {"type": "string", "pattern": _SIZE.pattern},
+        {"type": "string", "pattern": _SIZE_PATTERN},
     ]})
 
 

@@ -99,6 +99,17 @@ Edges = Annotated[tuple[float, ...], typed(_edges, {
 Finite = Annotated[float, number()]
 
 
+def _labels(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value or not all(
+            isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        raise problem("expected a list of label names")
+    return tuple(str(v) for v in value)
+
+
+Labels = Annotated[tuple[str, ...], typed(_labels, {
+    "type": "array", "minItems": 1, "items": {"type": ["string", "integer"]}}, env=False)]
+
+
 @dataclass(frozen=True, slots=True, config=MODEL)
 class FeatureProbe:
     """A numeric input feature binned for drift; `edges` None means learned from traffic.
@@ -161,7 +172,7 @@ class OutputProbes:
     score: JsonPathText | None = None
     score_edges: Edges = DEFAULT_SCORE_EDGES
     error_body: JsonPathText | None = None
-    labels: Annotated[tuple[str | int, ...] | None, Field(min_length=1)] = None
+    labels: Labels | None = None  # known labels; others count as OTHER_LABEL
     max_labels: Annotated[int, integer(1, 1000)] = DEFAULT_MAX_LABELS
     score_bins: Annotated[int | None, integer(2, MAX_EDGES)] = None  # read into score_edges
 
@@ -180,8 +191,6 @@ class OutputProbes:
         if self.score_bins is not None:
             bins = self.score_bins
             object.__setattr__(self, "score_edges", tuple(i / bins for i in range(1, bins)))
-        if self.labels is not None:  # known labels; others count as OTHER_LABEL
-            object.__setattr__(self, "labels", tuple(str(v) for v in self.labels))
         return self
 
 

@@ -97,7 +97,7 @@ class CompareConfig:
     """`preset` None means `path` was given; `auto` detects the preset per response and
     compares strings as text only for chat replies (unless `strings` says otherwise)."""
 
-    preset: Literal["auto", "kserve_v2", "tf_serving", "openai_chat"] | None = AUTO
+    preset: Literal["auto", "kserve_v2", "tf_serving", "openai_chat"] | None = "auto"
     path: JsonPathText | None = None
     strings: Literal["label", "text", "auto"] = "auto"
     agree_on: Literal["auto", "all", "labels"] = "auto"
