@@ -119,7 +119,7 @@ class FeatureProbe:
     edges: Edges | None = None
     learn: Annotated[int, integer(10, 100_000)] = DEFAULT_LEARN
     range: tuple[Finite, Finite] | None = None
-    bins: Annotated[int | None, integer(1, MAX_EDGES)] = None
+    bins: Annotated[int, integer(1, MAX_EDGES)] | None = None
     name: SkipJsonSchema[str] = Field(default="", init=False)  # the key in `features`
 
     @model_check(mode="before")
@@ -174,7 +174,7 @@ class OutputProbes:
     error_body: JsonPathText | None = None
     labels: Labels | None = None  # known labels; others count as OTHER_LABEL
     max_labels: Annotated[int, integer(1, 1000)] = DEFAULT_MAX_LABELS
-    score_bins: Annotated[int | None, integer(2, MAX_EDGES)] = None  # read into score_edges
+    score_bins: Annotated[int, integer(2, MAX_EDGES)] | None = None  # read into score_edges
 
     @model_check(mode="before")
     @classmethod

@@ -57,8 +57,8 @@ MIN_CHECK_INTERVAL = 0.01
 MAX_STEPS = 100
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
-Rate = Annotated[float | None, number(0, 1)]
-Positive = Annotated[float | None, number(above=0)]
+Rate = Annotated[float, number(0, 1)] | None
+Positive = Annotated[float, number(above=0)] | None
 StepWeight = Annotated[float, weight(minimum=0.01)]
 
 
@@ -138,7 +138,7 @@ class RolloutPlan:
                      Field(max_length=MAX_STEPS)] = DEFAULT_STEPS
     interval: Annotated[float, duration()] = DEFAULT_INTERVAL
     check_interval: Annotated[float, duration(lo=MIN_CHECK_INTERVAL)] = DEFAULT_CHECK_INTERVAL
-    window: Annotated[float | None, duration(positive=True)] = None
+    window: Annotated[float, duration(positive=True)] | None = None
     failure_threshold: Annotated[int, integer(1, 1000)] = DEFAULT_FAILURE_THRESHOLD
     gates: Gates = DEFAULT_GATES
     health_path: UrlPath = DEFAULT_HEALTH_PATH
