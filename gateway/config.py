@@ -1,48 +1,109 @@
 """The gateway's config file: one YAML document, validated once at load into frozen objects.
 
-Errors name the key path and the problem (``routes[0].backends.green.url: not an http(s)
-URL``) so ``modelgate check-config`` points at the line to fix. ``${ENV_VAR}`` (or
-``${ENV_VAR:-default}``) anywhere in a string is replaced from the environment before
-validation; an unset variable with no default is an error.
+The models below are pydantic dataclasses: the same classes check the document, describe it
+in the JSON Schema (``modelgate config-schema``) and are what the rest of the code reads.
+Where the document's shape differs from what the code reads, the document's form is the field
+and the code's form a property: ``match: {path_prefix}`` → `RouteConfig.path_prefix`,
+``canary: {backend, weight}`` → `.canary` / `.canary_weight`, ``sticky: {header: x}`` →
+`.sticky` (a `StickyKey`). Errors name the key path and the problem
+(``routes[0].backends.green.url: not an http(s) URL``) so ``modelgate check-config`` points at
+the line to fix. ``${ENV_VAR}`` (or ``${ENV_VAR:-default}``) anywhere in a string is replaced
+from the environment before validation; an unset variable with no default is an error.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass as plain_dataclass
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic import model_validator as model_check
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import SkipJsonSchema
 
 from gateway.errors import ConfigError
-from gateway.monitoring.config import (
-    AlarmRule,
-    ProbesConfig,
-    parse_alarms,
-    parse_probes,
+from gateway.monitoring.config import AlarmRule, ProbesConfig, check_alarms
+from gateway.rollout.plan import RolloutPlan
+from gateway.schema import (
+    MODEL,
+    NAME_RE,
+    Address,
+    Addresses,
+    Duration,
+    HttpUrl,
+    LowerText,
+    Name,
+    Size,
+    Text,
+    UrlPath,
+    duration,
+    nonempty,
+    number,
+    problem,
+    text,
+    typed,
+    unknown_backend,
+    validate,
+    weight,
 )
-from gateway.rollout.plan import RolloutPlan, parse_plan
-from gateway.schema import NAME_RE, Node, check_http_url, parse_address
-from gateway.shadow.config import ShadowConfig, parse_shadow
-from gateway.state import weight_problem
+from gateway.shadow.config import ShadowConfig
 
 DEFAULT_LISTEN = ("127.0.0.1", 8000)
 DEFAULT_ADMIN_LISTEN = ("127.0.0.1", 8001)
 DEFAULT_MAX_BODY = 10 * 1024 * 1024
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
+BackendName = Annotated[str, text(
+    lambda v: None if NAME_RE.match(v) else f"not a valid backend name: {v!r}",
+    pattern=NAME_RE.pattern)]
 
-@dataclass(frozen=True, slots=True)
+
+def _store(value: Any) -> str:
+    if value != "memory" and not (isinstance(value, str) and value.startswith(
+            ("redis://", "rediss://", "unix://"))):
+        raise problem(f"expected 'memory' or a redis:// URL, got {value!r}")
+    return str(value)
+
+
+def _secret(value: Any) -> str:
+    if not isinstance(value, str) or len(value) < 8:
+        raise problem("token must be a string of at least 8 characters")
+    return value
+
+
+Share = Annotated[float, weight()]  # percent, in steps of 0.01
+Store = Annotated[str, typed(_store, {"anyOf": [
+    {"const": "memory"}, {"type": "string", "pattern": "^(rediss?|unix)://"}]})]
+Secret = Annotated[str, typed(_secret, {"type": "string", "minLength": 8})]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class BackendConfig:
-    """A named version of the model: one or more URLs serving it, balanced round-robin."""
+    """A named version of the model: one or more URLs serving it, balanced round-robin.
+    The document gives ``url`` or ``urls``; the code reads `urls`."""
 
-    name: str
-    urls: tuple[str, ...]
+    urls: Annotated[tuple[HttpUrl, ...], nonempty("needs at least one URL")] = ()
+    url: HttpUrl | None = None
+    name: SkipJsonSchema[str] = Field(default="", init=False)  # the key in `backends`
+
+    @model_check(mode="before")
+    @classmethod
+    def _one_of(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("url") is None) == (data.get("urls") is None):
+            raise problem("give exactly one of 'url' or 'urls'")
+        return data
+
+    def __post_init__(self) -> None:
+        if self.url is not None:
+            object.__setattr__(self, "urls", (self.url,))
 
 
-@dataclass(frozen=True, slots=True)
+@plain_dataclass(frozen=True, slots=True)
 class StickyKey:
     """Where the user key comes from; the same key always lands on the same backend."""
 
@@ -50,54 +111,168 @@ class StickyKey:
     name: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
+class Sticky:
+    """The document's ``sticky:`` section: exactly one of header, cookie, query."""
+
+    header: LowerText | None = None
+    cookie: Text | None = None
+    query: Text | None = None
+
+    @model_check(mode="after")
+    def _exactly_one(self) -> Sticky:
+        if sum(v is not None for v in (self.header, self.cookie, self.query)) != 1:
+            raise problem("give exactly one of 'header', 'cookie', 'query'")
+        return self
+
+    def key(self) -> StickyKey:
+        if self.header is not None:
+            return StickyKey("header", self.header)
+        if self.cookie is not None:
+            return StickyKey("cookie", self.cookie)
+        return StickyKey("query", self.query or "")
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class Timeouts:
-    connect: float = 2.0
-    read: float = 30.0
+    connect: Annotated[float, duration(positive=True)] = 2.0
+    read: Annotated[float, duration(positive=True)] = 30.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
+class Match:
+    path_prefix: UrlPath
+    host: LowerText | None = None
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class CanaryStart:
+    backend: Text
+    weight: Share = 0.0
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class RouteConfig:
-    name: str
-    path_prefix: str
-    host: str | None
-    backends: dict[str, BackendConfig]
-    live: str
-    canary: str | None = None
-    canary_weight: float = 0.0
-    sticky: StickyKey | None = None
-    override_header: str | None = None
-    timeouts: Timeouts = field(default_factory=Timeouts)
-    max_body_bytes: int = DEFAULT_MAX_BODY
+    name: Name
+    match: Match
+    backends: Annotated[dict[BackendName, BackendConfig], nonempty("needs at least one backend")]
+    live: Text
+    canary_start: CanaryStart | None = Field(default=None, alias="canary")
+    sticky_section: Sticky | None = Field(default=None, alias="sticky")
+    override_header: LowerText | None = None
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    max_body_bytes: Size = DEFAULT_MAX_BODY
     shadow: ShadowConfig | None = None
     rollout: RolloutPlan | None = None
     probes: ProbesConfig | None = None
 
+    @model_check(mode="after")
+    def _backends_named(self) -> RouteConfig:
+        for name, backend in self.backends.items():
+            object.__setattr__(backend, "name", name)
+        if self.live not in self.backends:
+            raise problem(f"unknown backend {self.live!r}", "live")
+        if self.canary_start is not None:
+            if self.canary_start.backend not in self.backends:
+                raise problem(f"unknown backend {self.canary_start.backend!r}",
+                              "canary", "backend")
+            if self.canary_start.backend == self.live:
+                raise problem("canary must differ from live", "canary", "backend")
+        for section in ("shadow", "rollout"):
+            found = getattr(self, section)
+            if found is not None and (why := unknown_backend(found.backend,
+                                                             set(self.backends))):
+                raise problem(why, section, "backend")
+        return self
 
-@dataclass(frozen=True, slots=True)
+    @property
+    def path_prefix(self) -> str:
+        return self.match.path_prefix
+
+    @property
+    def host(self) -> str | None:
+        return self.match.host
+
+    @property
+    def canary(self) -> str | None:
+        return self.canary_start.backend if self.canary_start is not None else None
+
+    @property
+    def canary_weight(self) -> float:
+        return self.canary_start.weight if self.canary_start is not None else 0.0
+
+    @property
+    def sticky(self) -> StickyKey | None:
+        return self.sticky_section.key() if self.sticky_section is not None else None
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class AdminConfig:
-    listen: tuple[str, int] = DEFAULT_ADMIN_LISTEN
-    # token name -> secret; the name is the actor recorded in audit events.
-    tokens: dict[str, str] = field(default_factory=dict)
+    listen: Address = Field(default=DEFAULT_ADMIN_LISTEN,
+                            json_schema_extra={"default": "127.0.0.1:8001"})
+    # token name -> secret; the name is the actor recorded in audit events. `token` (the
+    # document's secret of the token named "admin"; empty = not configured here) joins them.
+    tokens: dict[str, Secret] = Field(default_factory=dict)
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.token:
+            object.__setattr__(self, "tokens", {"admin": self.token, **self.tokens})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
 class GatewayConfig:
-    listen: tuple[tuple[str, int], ...] = (DEFAULT_LISTEN,)
-    admin: AdminConfig = field(default_factory=AdminConfig)
-    store: str = "memory"
-    drain_timeout: float = 10.0
+    listen: Addresses = Field(default=(DEFAULT_LISTEN,),
+                              json_schema_extra={"default": "127.0.0.1:8000"})
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    store: Store = "memory"
+    drain_timeout: Duration = 10.0
     routes: tuple[RouteConfig, ...] = ()
     alarms: tuple[AlarmRule, ...] = ()
-    webhooks: tuple[str, ...] = ()
-    access_log_sample: float = 0.0
-    source: str = "<dict>"
+    webhooks: tuple[HttpUrl, ...] = ()
+    access_log_sample: Annotated[float, number(0, 1)] = 0.0
+    source: SkipJsonSchema[str] = "<dict>"  # the file it came from; not a document key
+
+    @field_validator("source")
+    @classmethod
+    def _not_a_document_key(cls, value: str, info: ValidationInfo) -> str:
+        if info.context and info.context.get("document"):
+            raise problem("unknown key")
+        return value
+
+    @model_check(mode="after")
+    def _unique_and_alarms(self) -> GatewayConfig:
+        names: set[str] = set()
+        matches: set[tuple[str | None, str]] = set()
+        for i, route in enumerate(self.routes):
+            if route.name in names:
+                raise problem(f"duplicate route name {route.name!r}", "routes", i, "name")
+            names.add(route.name)
+            key = (route.host, route.path_prefix)
+            if key in matches:
+                raise problem("another route has the same host and prefix", "routes", i,
+                              "match")
+            matches.add(key)
+        check_alarms(self.alarms, {r.name: r for r in self.routes})
+        return self
 
     def route(self, name: str) -> RouteConfig | None:
         for route in self.routes:
             if route.name == name:
                 return route
         return None
+
+
+CONFIG = TypeAdapter(GatewayConfig)
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of the config file, for editors and CI."""
+    schema = CONFIG.json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": "https://modelgate.dev/schema/gateway.json",
+            "title": "modelgate gateway.yaml", **{k: v for k, v in schema.items()
+                                                   if k != "title"}}
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> GatewayConfig:
@@ -117,45 +292,8 @@ def parse_config(
     data: Any, env: dict[str, str] | None = None, source: str = "<dict>"
 ) -> GatewayConfig:
     data = substitute_env(data, os.environ if env is None else env, "")
-    top = Node(data)
-    listen_raw = top.raw("listen", None)
-    if listen_raw is None:
-        listen: tuple[tuple[str, int], ...] = (DEFAULT_LISTEN,)
-    elif isinstance(listen_raw, list):
-        if not listen_raw:
-            raise ConfigError("listen", "needs at least one address")
-        listen = tuple(parse_address(v, f"listen[{i}]") for i, v in enumerate(listen_raw))
-    else:
-        listen = (parse_address(listen_raw, "listen"),)
-
-    admin = _parse_admin(top.child("admin", None))
-    store = top.str("store", "memory")
-    if store != "memory" and not store.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError("store", f"expected 'memory' or a redis:// URL, got {store!r}")
-
-    routes_raw = top.list("routes", [])
-    routes: list[RouteConfig] = []
-    for i, item in enumerate(routes_raw):
-        routes.append(_parse_route(Node(item, f"routes[{i}]")))
-    _check_unique(routes)
-
-    alarms = parse_alarms(top.list("alarms", []), "alarms", {r.name: r for r in routes})
-    webhooks = tuple(
-        check_http_url(url, f"webhooks[{i}]") for i, url in enumerate(top.list("webhooks", []))
-    )
-    config = GatewayConfig(
-        listen=listen,
-        admin=admin,
-        store=store,
-        drain_timeout=top.duration("drain_timeout", 10.0),
-        routes=tuple(routes),
-        alarms=tuple(alarms),
-        webhooks=webhooks,
-        access_log_sample=top.number("access_log_sample", 0.0, lo=0, hi=1),
-        source=source,
-    )
-    top.done()
-    return config
+    config = validate(CONFIG, data, context={"document": True})
+    return replace(config, source=source) if source != config.source else config
 
 
 def substitute_env(value: Any, env: Any, path: str) -> Any:
@@ -176,138 +314,3 @@ def substitute_env(value: Any, env: Any, path: str) -> Any:
     if isinstance(value, list):
         return [substitute_env(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
     return value
-
-
-def _parse_admin(node: Node | None) -> AdminConfig:
-    if node is None:
-        return AdminConfig()
-    listen = parse_address(node.raw("listen", "127.0.0.1:8001"), node.key_path("listen"))
-    tokens: dict[str, str] = {}
-    token = node.raw("token", None)
-    if token is not None:
-        if not isinstance(token, str):
-            raise ConfigError(node.key_path("token"), "expected a string")
-        if token:  # an empty ${VAR:-} means "not configured here"
-            tokens["admin"] = token
-    for name, secret, path in node.items("tokens"):
-        if not isinstance(secret, str) or len(secret) < 8:
-            raise ConfigError(path, "token must be a string of at least 8 characters")
-        tokens[name] = secret
-    node.done()
-    return AdminConfig(listen=listen, tokens=tokens)
-
-
-def _parse_route(node: Node) -> RouteConfig:
-    name = node.name("name")
-    match = node.child("match")
-    prefix = match.str("path_prefix")
-    if not prefix.startswith("/"):
-        raise ConfigError(match.key_path("path_prefix"), "must start with '/'")
-    host = match.str("host", None)
-    match.done()
-
-    backends: dict[str, BackendConfig] = {}
-    for bname, braw, bpath in node.items("backends"):
-        bnode = Node(braw, bpath)
-        if bnode.has("url") == bnode.has("urls"):
-            raise ConfigError(bpath, "give exactly one of 'url' or 'urls'")
-        if bnode.has("url"):
-            urls: tuple[str, ...] = (check_http_url(bnode.raw("url"), bnode.key_path("url")),)
-        else:
-            raw_urls = bnode.list("urls")
-            if not raw_urls:
-                raise ConfigError(bnode.key_path("urls"), "needs at least one URL")
-            urls = tuple(
-                check_http_url(u, f"{bnode.key_path('urls')}[{i}]") for i, u in enumerate(raw_urls)
-            )
-        bnode.done()
-        if not _name_ok(bname):
-            raise ConfigError(bpath, f"not a valid backend name: {bname!r}")
-        backends[bname] = BackendConfig(name=bname, urls=urls)
-    if not backends:
-        raise ConfigError(node.key_path("backends"), "needs at least one backend")
-
-    live = node.str("live")
-    if live not in backends:
-        raise ConfigError(node.key_path("live"), f"unknown backend {live!r}")
-
-    canary: str | None = None
-    weight = 0.0
-    canary_node = node.child("canary", None)
-    if canary_node is not None:
-        canary = canary_node.str("backend")
-        if canary not in backends:
-            raise ConfigError(canary_node.key_path("backend"), f"unknown backend {canary!r}")
-        if canary == live:
-            raise ConfigError(canary_node.key_path("backend"), "canary must differ from live")
-        raw_weight = canary_node.raw("weight", 0.0)
-        if (problem := weight_problem(raw_weight)) is not None:
-            raise ConfigError(canary_node.key_path("weight"), problem)
-        weight = float(raw_weight)
-        canary_node.done()
-
-    sticky: StickyKey | None = None
-    sticky_node = node.child("sticky", None)
-    if sticky_node is not None:
-        given = [s for s in ("header", "cookie", "query") if sticky_node.has(s)]
-        if len(given) != 1:
-            raise ConfigError(sticky_node.path, "give exactly one of 'header', 'cookie', 'query'")
-        key_name = sticky_node.str(given[0])
-        sticky = StickyKey(given[0], key_name.lower() if given[0] == "header" else key_name)  # type: ignore[arg-type]
-        sticky_node.done()
-
-    timeouts_node = node.child("timeouts", None)
-    timeouts = Timeouts()
-    if timeouts_node is not None:
-        # Defaults from an instance: on a slots dataclass `Timeouts.read` is a descriptor.
-        timeouts = Timeouts(
-            connect=timeouts_node.duration("connect", timeouts.connect),
-            read=timeouts_node.duration("read", timeouts.read),
-        )
-        timeouts_node.done()
-        for key, value in (("connect", timeouts.connect), ("read", timeouts.read)):
-            if value <= 0:
-                raise ConfigError(timeouts_node.key_path(key), "must be > 0")
-
-    override = node.str("override_header", None)
-    max_body = node.size("max_body_bytes", DEFAULT_MAX_BODY)
-    shadow_node = node.child("shadow", None)
-    shadow = parse_shadow(shadow_node, set(backends)) if shadow_node is not None else None
-    rollout_node = node.child("rollout", None)
-    rollout = parse_plan(rollout_node, set(backends)) if rollout_node is not None else None
-    probes_node = node.child("probes", None)
-    probes = parse_probes(probes_node) if probes_node is not None else None
-    node.done()
-    return RouteConfig(
-        name=name,
-        path_prefix=prefix,
-        host=host.lower() if host else None,
-        backends=backends,
-        live=live,
-        canary=canary,
-        canary_weight=weight,
-        sticky=sticky,
-        override_header=override.lower() if override else None,
-        timeouts=timeouts,
-        max_body_bytes=max_body,
-        shadow=shadow,
-        rollout=rollout,
-        probes=probes,
-    )
-
-
-def _name_ok(name: str) -> bool:
-    return bool(NAME_RE.match(name))
-
-
-def _check_unique(routes: list[RouteConfig]) -> None:
-    names: set[str] = set()
-    matches: set[tuple[str | None, str]] = set()
-    for i, route in enumerate(routes):
-        if route.name in names:
-            raise ConfigError(f"routes[{i}].name", f"duplicate route name {route.name!r}")
-        names.add(route.name)
-        key = (route.host, route.path_prefix)
-        if key in matches:
-            raise ConfigError(f"routes[{i}].match", "another route has the same host and prefix")
-        matches.add(key)

@@ -9,18 +9,17 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.rollout.plan import DEFAULT_GATES, RolloutPlan, parse_plan
-from gateway.schema import Node
 
 BACKENDS = {"blue", "green"}
 
 
 def plan(**data: Any) -> RolloutPlan:
-    return parse_plan(Node(data), BACKENDS)
+    return parse_plan(data, BACKENDS)
 
 
 def error(data: dict[str, Any]) -> str:
     with pytest.raises(ConfigError) as info:
-        parse_plan(Node(data), BACKENDS)
+        parse_plan(data, BACKENDS)
     return str(info.value)
 
 
@@ -100,7 +99,7 @@ def test_round_trip_through_json() -> None:
     p = plan(backend="green", step=20, interval="2s", check_interval="250ms", window="1s",
              gates={"max_p99_ms": 300, "no_firing_alarms": True, "min_requests": 5},
              smoke={"method": "post", "path": "/v2/models/m/infer", "body": {"a": 1}})
-    assert parse_plan(Node(p.to_json()), BACKENDS) == p
+    assert parse_plan(p.to_json(), BACKENDS) == p
 
 
 def test_config_section_errors_name_the_route_key() -> None:

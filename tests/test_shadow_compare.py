@@ -8,13 +8,12 @@ import orjson
 import pytest
 
 from gateway.jsonpath import MISSING
-from gateway.schema import Node
 from gateway.shadow.compare import Comparator, fold_sse, label_text, similarity
 from gateway.shadow.config import parse_compare
 
 
 def comparator(**compare: Any) -> Comparator:
-    return Comparator(parse_compare(Node(compare, "compare")))
+    return Comparator(parse_compare(compare, "compare"))
 
 
 def kserve(labels: list[Any], probs: list[float]) -> bytes:

@@ -10,7 +10,6 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from gateway.schema import Node
 from gateway.shadow.compare import Comparison
 from gateway.shadow.config import AUTO, LogConfig, ShadowConfig, parse_shadow
 from gateway.shadow.log import ComparisonLog
@@ -28,7 +27,7 @@ BACKENDS = {"blue", "green"}
 
 
 def parse(section: dict[str, Any]) -> ShadowConfig:
-    return parse_shadow(Node(section, "routes[0].shadow"), BACKENDS)
+    return parse_shadow(section, BACKENDS, "routes[0].shadow")
 
 
 # --------------------------------------------------------------------------------------------

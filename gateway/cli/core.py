@@ -1,5 +1,5 @@
-"""Core subcommands: serve, check-config, model-server, demo, and the operator commands
-status, canary, switch, rollback and events (thin clients of the admin API).
+"""Core subcommands: serve, check-config, config-schema, model-server, demo, and the operator
+commands status, canary, switch, rollback and events (thin clients of the admin API).
 
 Operator commands print rich tables or one summary line by default and the API's JSON with
 ``--json``; every failure is a `CliError` (one line on stderr, exit 1).
@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -51,6 +52,11 @@ def register(sub: Any) -> None:
     p = sub.add_parser("check-config", help="validate a config file")
     p.add_argument("file")
     p.set_defaults(func=check_config)
+
+    p = sub.add_parser("config-schema", help="print the JSON Schema of the config file "
+                       "(for editors: # yaml-language-server: $schema=...)")
+    p.add_argument("-o", "--output", default=None, help="write it to this file instead")
+    p.set_defaults(func=config_schema)
 
     p = sub.add_parser("model-server", help="run the demo model server (KServe V2 classifier)")
     model_server.add_arguments(p)
@@ -125,6 +131,19 @@ def check_config(args: argparse.Namespace) -> int:
         print(f"modelgate: {args.file}: {exc}", file=sys.stderr)
         return 2
     print(f"{args.file}: OK ({len(config.routes)} routes)")
+    return 0
+
+
+def config_schema(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway.config import config_schema as schema
+
+    text = json.dumps(schema(), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
     return 0
 
 

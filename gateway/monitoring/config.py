@@ -1,4 +1,4 @@
-"""Probe and alarm config: parsed and compiled once at load, never per request.
+"""Probe and alarm config: validated and compiled once at load, never per request.
 
 A route's ``probes:`` section says which parts of its requests and responses to look at
 (JSON paths compiled here); the top-level ``alarms:`` list holds threshold rules over the
@@ -7,13 +7,27 @@ per-backend windows. Errors name the key path (``routes[0].probes.output.predict
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from gateway.errors import ConfigError
-from gateway.jsonpath import JsonPath, compile_path
-from gateway.schema import Node, type_name
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic import model_validator as model_check
+from pydantic.dataclasses import dataclass
+from pydantic.json_schema import SkipJsonSchema
+from pydantic_core import PydanticCustomError
+
+from gateway.jsonpath import JsonPath
+from gateway.schema import (
+    MODEL,
+    Name,
+    Text,
+    duration,
+    integer,
+    number,
+    problem,
+    typed,
+    validate,
+)
+from gateway.shadow.config import JsonPathText, _json_path
 
 DEFAULT_SCORE_EDGES = tuple(round(0.1 * i, 1) for i in range(1, 10))  # 10 bins over [0, 1]
 DEFAULT_MAX_LABELS = 32
@@ -40,49 +54,176 @@ OPS = (">", ">=", "<", "<=")
 BACKEND_SELECTORS = ("live", "canary", "any")
 
 
-@dataclass(frozen=True, slots=True)
+
+
+def _path_list(value: Any) -> tuple[JsonPath, ...]:
+    """One JSON path or a list of them."""
+    if isinstance(value, str | JsonPath):
+        return (_json_path(value),)
+    if not isinstance(value, list | tuple):
+        raise problem("expected a path or a list of paths, got "
+                      f"{'a mapping' if isinstance(value, dict) else type(value).__name__}")
+    out = []
+    for i, item in enumerate(value):
+        try:
+            out.append(_json_path(item))
+        except PydanticCustomError as exc:
+            raise problem(exc.message(), i) from None
+    return tuple(out)
+
+
+PathList = Annotated[tuple[JsonPath, ...], typed(_path_list, {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]}, env=False)]
+
+
+def _edges(value: Any) -> tuple[float, ...]:
+    """Strictly increasing finite numbers: the inner bin boundaries of a histogram."""
+    if not isinstance(value, list | tuple) or not value:
+        raise problem("expected a non-empty list of increasing numbers")
+    if len(value) > MAX_EDGES:
+        raise problem(f"at most {MAX_EDGES} edges")
+    out: list[float] = []
+    for i, v in enumerate(value):
+        if isinstance(v, bool) or not isinstance(v, int | float) or v != v or abs(v) == float(
+                "inf"):
+            raise problem(f"expected a number, got {v!r}", i)
+        if out and v <= out[-1]:
+            raise problem("edges must be strictly increasing", i)
+        out.append(float(v))
+    return tuple(out)
+
+
+Edges = Annotated[tuple[float, ...], typed(_edges, {
+    "type": "array", "minItems": 1, "maxItems": MAX_EDGES, "items": {"type": "number"}},
+    env=False)]
+Finite = Annotated[float, number()]
+
+
+def _labels(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not value or not all(
+            isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+        raise problem("expected a list of label names")
+    return tuple(str(v) for v in value)
+
+
+Labels = Annotated[tuple[str, ...], typed(_labels, {
+    "type": "array", "minItems": 1, "items": {"type": ["string", "integer"]}}, env=False)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class FeatureProbe:
-    """A numeric input feature binned for drift; `edges` None means learned from traffic."""
+    """A numeric input feature binned for drift; `edges` None means learned from traffic.
+    The document gives a path, or ``{path, edges | range + bins, learn}``."""
 
-    name: str
-    path: JsonPath
-    edges: tuple[float, ...] | None
-    learn: int = DEFAULT_LEARN
+    path: JsonPathText
+    edges: Edges | None = None
+    learn: Annotated[int, integer(10, 100_000)] = DEFAULT_LEARN
+    range: tuple[Finite, Finite] | None = None
+    bins: Annotated[int, integer(1, MAX_EDGES)] | None = None
+    name: SkipJsonSchema[str] = Field(default="", init=False)  # the key in `features`
+
+    @model_check(mode="before")
+    @classmethod
+    def _path_only(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("edges") is not None and (
+                data.get("range") is not None or data.get("bins") is not None):
+            raise problem("give 'edges' or 'range' with 'bins', not both")
+        return data
+
+    @model_check(mode="after")
+    def _range_edges(self) -> FeatureProbe:
+        if self.range is None and self.bins is None:
+            return self
+        if self.range is None or self.range[0] >= self.range[1]:
+            raise problem(f"expected [low, high] with low < high, got {self.range!r}", "range")
+        lo, hi = self.range
+        bins = self.bins if self.bins is not None else 10
+        step = (hi - lo) / bins
+        object.__setattr__(self, "edges", tuple(lo + step * i for i in range(1, bins)))
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+# A feature is a JSON path, or ``{path, edges | range + bins, learn}``.
+Feature = Annotated[FeatureProbe, BeforeValidator(
+    lambda v: {"path": v} if isinstance(v, str) else v, json_schema_input_type=str | FeatureProbe)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class InputProbes:
-    length: JsonPath | None = None
-    missing: tuple[JsonPath, ...] = ()
-    required: tuple[JsonPath, ...] = ()
-    features: tuple[FeatureProbe, ...] = ()
+    length: JsonPathText | None = None
+    missing: PathList = ()
+    required: PathList = ()
+    feature_map: dict[str, Feature] = Field(default_factory=dict, alias="features")
+
+    @model_check(mode="after")
+    def _name_features(self) -> InputProbes:
+        for name, feature in self.feature_map.items():
+            object.__setattr__(feature, "name", name)
+        return self
+
+    @property
+    def features(self) -> tuple[FeatureProbe, ...]:
+        return tuple(self.feature_map.values())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
 class OutputProbes:
-    prediction: JsonPath | None = None
-    score: JsonPath | None = None
-    score_edges: tuple[float, ...] = DEFAULT_SCORE_EDGES
-    error_body: JsonPath | None = None
-    labels: tuple[str, ...] | None = None  # known labels; others count as OTHER_LABEL
-    max_labels: int = DEFAULT_MAX_LABELS
+    prediction: JsonPathText | None = None
+    score: JsonPathText | None = None
+    score_edges: Edges = DEFAULT_SCORE_EDGES
+    error_body: JsonPathText | None = None
+    labels: Labels | None = None  # known labels; others count as OTHER_LABEL
+    max_labels: Annotated[int, integer(1, 1000)] = DEFAULT_MAX_LABELS
+    score_bins: Annotated[int, integer(2, MAX_EDGES)] | None = None  # read into score_edges
+
+    @model_check(mode="before")
+    @classmethod
+    def _edges_or_bins(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("score_edges") is not None and data.get(
+                "score_bins") is not None:
+            raise problem("give 'score_edges' or 'score_bins', not both")
+        return data
+
+    @model_check(mode="after")
+    def _something_probed(self) -> OutputProbes:
+        if self.prediction is None and self.score is None and self.error_body is None:
+            raise problem("give at least one of 'prediction', 'score', 'error_body'")
+        if self.score_bins is not None:
+            bins = self.score_bins
+            object.__setattr__(self, "score_edges", tuple(i / bins for i in range(1, bins)))
+        return self
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
 class DriftConfig:
-    window: float = 300.0     # the sliding window compared ("now")
-    baseline: float = 300.0   # auto baseline: the first N seconds after start (0: off)
-    min_samples: int = 50     # fewer observations on either side: no PSI (None)
+    window: Annotated[float, duration(1, 900)] = 300.0  # the sliding window compared ("now")
+    # auto baseline: the first N seconds after start (0: off)
+    baseline: Annotated[float, duration(hi=900)] = 300.0
+    # fewer observations on either side: no PSI (None)
+    min_samples: Annotated[int, integer(1)] = 50
 
 
-@dataclass(frozen=True, slots=True)
+def _method(value: Any) -> str:
+    if not isinstance(value, str) or not value.isalpha():
+        raise problem(f"not an HTTP method: {value!r}")
+    return value.upper()
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class ProbesConfig:
-    sample: float = 1.0
-    methods: frozenset[str] = frozenset({"POST"})
-    path_suffix: str | None = None
+    sample: Annotated[float, number(0, 1)] = 1.0
+    methods: frozenset[Annotated[str, typed(_method, {"type": "string"}, env=False)]] = (
+        frozenset({"POST"}))
+    path_suffix: Text | None = None
     input: InputProbes | None = None
     output: OutputProbes | None = None
-    drift: DriftConfig = field(default_factory=DriftConfig)
+    drift: DriftConfig = Field(default_factory=DriftConfig)
+
+    @model_check(mode="after")
+    def _input_or_output(self) -> ProbesConfig:
+        if self.input is None and self.output is None:
+            raise problem("give 'input', 'output' or both")
+        return self
 
     def has(self, need: str | None) -> bool:
         """Whether the probes measure what an alarm metric needs (``output.prediction``...)."""
@@ -98,209 +239,68 @@ class ProbesConfig:
         return bool(value) if isinstance(value, tuple) else value is not None
 
 
-@dataclass(frozen=True, slots=True)
+def _metric(value: Any) -> str:
+    if value not in ALARM_METRICS:
+        raise problem(f"unknown metric {value!r} (one of {', '.join(ALARM_METRICS)})")
+    return str(value)
+
+
+@dataclass(frozen=True, slots=True, config=ConfigDict(**MODEL, validate_by_name=True))
 class AlarmRule:
     """`metric` of `backend` on `route` over `window` seconds compared with `op threshold`;
-    firing once it has held for `for_` seconds."""
+    firing once it has held for `for_` seconds (``for`` in the document)."""
 
-    name: str
-    route: str = ""
-    metric: str = "error_rate"
-    backend: str = "live"  # live | canary | any | a backend name
-    window: float = 60.0
-    op: str = ">"
-    threshold: float = 0.0
-    for_: float = 0.0
-    min_samples: int = 10
-    against: str = "baseline"  # psi metrics: compare with "baseline" or "live"
-    description: str | None = None
+    name: Name
+    route: Text = ""
+    metric: Annotated[str, typed(_metric, {"enum": list(ALARM_METRICS)}, env=False)] = (
+        "error_rate")
+    backend: Text = "live"  # live | canary | any | a backend name
+    window: Annotated[float, duration(1, 900)] = 60.0
+    op: Literal[">", ">=", "<", "<="] = ">"
+    threshold: Finite = 0.0
+    for_: Annotated[float, duration()] = Field(default=0.0, alias="for")
+    min_samples: Annotated[int, integer(0)] = 10
+    against: Literal["baseline", "live"] = "baseline"  # psi metrics: vs baseline or live
+    description: Text | None = None
 
-
-# -- probes -----------------------------------------------------------------------------------
-def parse_probes(node: Node) -> ProbesConfig:
-    sample = node.number("sample", 1.0, lo=0, hi=1)
-    methods_raw = node.list("methods", ["POST"])
-    methods = set()
-    for i, m in enumerate(methods_raw):
-        if not isinstance(m, str) or not m.isalpha():
-            raise ConfigError(f"{node.key_path('methods')}[{i}]", f"not an HTTP method: {m!r}")
-        methods.add(m.upper())
-    suffix = node.str("path_suffix", None)
-    input_node = node.child("input", None)
-    output_node = node.child("output", None)
-    drift_node = node.child("drift", None)
-    inputs = _parse_input(input_node) if input_node is not None else None
-    outputs = _parse_output(output_node) if output_node is not None else None
-    drift = _parse_drift(drift_node) if drift_node is not None else DriftConfig()
-    node.done()
-    if inputs is None and outputs is None:
-        raise ConfigError(node.path, "give 'input', 'output' or both")
-    return ProbesConfig(sample=sample, methods=frozenset(methods), path_suffix=suffix,
-                        input=inputs, output=outputs, drift=drift)
+    @model_check(mode="before")
+    @classmethod
+    def _required_in_document(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("route", "metric", "threshold"):
+                if data.get(key) is None:
+                    raise problem("required", key)
+            if data.get("against") is not None and not str(data.get("metric")).startswith(
+                    "psi_"):
+                raise problem("only for psi_* metrics", "against")
+        return data
 
 
-def _path_list(node: Node, key: str) -> tuple[JsonPath, ...]:
-    raw = node.raw(key, [])
-    if isinstance(raw, str):
-        return (compile_path(raw, node.key_path(key)),)
-    if not isinstance(raw, list):
-        raise ConfigError(node.key_path(key), f"expected a path or a list of paths, got "
-                                              f"{type_name(raw)}")
-    return tuple(compile_path(p, f"{node.key_path(key)}[{i}]") for i, p in enumerate(raw))
-
-
-def _optional_path(node: Node, key: str) -> JsonPath | None:
-    raw = node.raw(key, None)
-    return None if raw is None else compile_path(raw, node.key_path(key))
-
-
-def _parse_input(node: Node) -> InputProbes:
-    length = _optional_path(node, "length")
-    missing = _path_list(node, "missing")
-    required = _path_list(node, "required")
-    features = tuple(_parse_feature(name, raw, path) for name, raw, path in node.items("features"))
-    node.done()
-    return InputProbes(length=length, missing=missing, required=required, features=features)
-
-
-def _parse_feature(name: str, raw: Any, path: str) -> FeatureProbe:
-    if isinstance(raw, str):
-        return FeatureProbe(name, compile_path(raw, path), None)
-    fnode = Node(raw, path)
-    jpath = compile_path(fnode.raw("path"), fnode.key_path("path"))
-    learn = fnode.int("learn", DEFAULT_LEARN, lo=10, hi=100_000)
-    edges: tuple[float, ...] | None = None
-    if fnode.has("edges"):
-        if fnode.has("range") or fnode.has("bins"):
-            raise ConfigError(path, "give 'edges' or 'range' with 'bins', not both")
-        edges = parse_edges(fnode.raw("edges"), fnode.key_path("edges"))
-    elif fnode.has("range") or fnode.has("bins"):
-        edges = _range_edges(fnode)
-    fnode.done()
-    return FeatureProbe(name, jpath, edges, learn)
-
-
-def _range_edges(node: Node) -> tuple[float, ...]:
-    rng = node.list("range")
-    bins = node.int("bins", 10, lo=1, hi=MAX_EDGES)
-    if (len(rng) != 2 or any(isinstance(v, bool) or not isinstance(v, int | float)
-                             or not math.isfinite(v) for v in rng) or rng[0] >= rng[1]):
-        raise ConfigError(node.key_path("range"), f"expected [low, high] with low < high, "
-                                                  f"got {rng!r}")
-    lo, hi = float(rng[0]), float(rng[1])
-    step = (hi - lo) / bins
-    return tuple(lo + step * i for i in range(1, bins))
-
-
-def parse_edges(raw: Any, path: str) -> tuple[float, ...]:
-    """Strictly increasing finite numbers: the inner bin boundaries of a histogram."""
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError(path, "expected a non-empty list of increasing numbers")
-    if len(raw) > MAX_EDGES:
-        raise ConfigError(path, f"at most {MAX_EDGES} edges")
-    out: list[float] = []
-    for i, v in enumerate(raw):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise ConfigError(f"{path}[{i}]", f"expected a number, got {v!r}")
-        if out and v <= out[-1]:
-            raise ConfigError(f"{path}[{i}]", "edges must be strictly increasing")
-        out.append(float(v))
-    return tuple(out)
-
-
-def _parse_output(node: Node) -> OutputProbes:
-    prediction = _optional_path(node, "prediction")
-    score = _optional_path(node, "score")
-    error_body = _optional_path(node, "error_body")
-    if node.has("score_edges") and node.has("score_bins"):
-        raise ConfigError(node.path, "give 'score_edges' or 'score_bins', not both")
-    if node.has("score_edges"):
-        score_edges = parse_edges(node.raw("score_edges"), node.key_path("score_edges"))
-    elif node.has("score_bins"):
-        bins = node.int("score_bins", lo=2, hi=MAX_EDGES)
-        score_edges = tuple(i / bins for i in range(1, bins))
-    else:
-        score_edges = DEFAULT_SCORE_EDGES
-    labels_raw = node.list("labels", None)
-    labels: tuple[str, ...] | None = None
-    if labels_raw is not None:
-        if not labels_raw or not all(isinstance(v, str | int) and not isinstance(v, bool)
-                                     for v in labels_raw):
-            raise ConfigError(node.key_path("labels"), "expected a list of label names")
-        labels = tuple(str(v) for v in labels_raw)
-    max_labels = node.int("max_labels", DEFAULT_MAX_LABELS, lo=1, hi=1000)
-    node.done()
-    if prediction is None and score is None and error_body is None:
-        raise ConfigError(node.path, "give at least one of 'prediction', 'score', 'error_body'")
-    return OutputProbes(prediction=prediction, score=score, score_edges=score_edges,
-                        error_body=error_body, labels=labels, max_labels=max_labels)
-
-
-def _parse_drift(node: Node) -> DriftConfig:
-    window = node.duration("window", 300.0)
-    if not 1 <= window <= 900:
-        raise ConfigError(node.key_path("window"), "must be between 1s and 15m")
-    baseline = node.duration("baseline", 300.0)
-    if baseline > 900:
-        raise ConfigError(node.key_path("baseline"), "must be at most 15m")
-    config = DriftConfig(window=window, baseline=baseline,
-                         min_samples=node.int("min_samples", 50, lo=1))
-    node.done()
-    return config
-
-
-# -- alarms -----------------------------------------------------------------------------------
-def parse_alarms(items: list[Any], path: str, routes: dict[str, Any]) -> list[AlarmRule]:
-    """The top-level ``alarms:`` list; `routes` maps route names to their `RouteConfig`."""
-    rules: list[AlarmRule] = []
+def check_alarms(rules: tuple[AlarmRule, ...], routes: dict[str, Any]) -> None:
+    """Cross-checks of the top-level ``alarms:`` list against the routes (`RouteConfig`s)."""
     seen: set[str] = set()
-    for i, item in enumerate(items):
-        rule = _parse_alarm(Node(item, f"{path}[{i}]"), routes)
+    for i, rule in enumerate(rules):
         if rule.name in seen:
-            raise ConfigError(f"{path}[{i}].name", f"duplicate alarm name {rule.name!r}")
+            raise problem(f"duplicate alarm name {rule.name!r}", "alarms", i, "name")
         seen.add(rule.name)
-        rules.append(rule)
-    return rules
+        route = routes.get(rule.route)
+        if route is None:
+            known = ", ".join(sorted(routes)) or "none"
+            raise problem(f"unknown route {rule.route!r} (routes: {known})", "alarms", i,
+                          "route")
+        need = ALARM_METRICS[rule.metric]
+        probes: ProbesConfig | None = route.probes
+        if need is not None and (probes is None or not probes.has(need)):
+            raise problem(f"{rule.metric} needs probes.{need} on route {rule.route!r}",
+                          "alarms", i, "metric")
+        if rule.backend not in BACKEND_SELECTORS and rule.backend not in route.backends:
+            raise problem(f"expected live, canary, any or a backend of route {rule.route!r} "
+                          f"({', '.join(sorted(route.backends))}), got {rule.backend!r}",
+                          "alarms", i, "backend")
 
 
-def _parse_alarm(node: Node, routes: dict[str, Any]) -> AlarmRule:
-    name = node.name("name")
-    route_name = node.str("route")
-    route = routes.get(route_name)
-    if route is None:
-        known = ", ".join(sorted(routes)) or "none"
-        raise ConfigError(node.key_path("route"), f"unknown route {route_name!r} "
-                                                  f"(routes: {known})")
-    metric = node.str("metric")
-    if metric not in ALARM_METRICS:
-        raise ConfigError(node.key_path("metric"), f"unknown metric {metric!r} (one of "
-                                                   f"{', '.join(ALARM_METRICS)})")
-    need = ALARM_METRICS[metric]
-    probes: ProbesConfig | None = route.probes
-    if need is not None and (probes is None or not probes.has(need)):
-        raise ConfigError(node.key_path("metric"),
-                          f"{metric} needs probes.{need} on route {route_name!r}")
-    backend = node.str("backend", "live")
-    if backend not in BACKEND_SELECTORS and backend not in route.backends:
-        raise ConfigError(node.key_path("backend"),
-                          f"expected live, canary, any or a backend of route {route_name!r} "
-                          f"({', '.join(sorted(route.backends))}), got {backend!r}")
-    window = node.duration("window", 60.0)
-    if not 1 <= window <= 900:
-        raise ConfigError(node.key_path("window"), "must be between 1s and 15m")
-    op = node.str("op", ">")
-    if op not in OPS:
-        raise ConfigError(node.key_path("op"), f"expected one of {' '.join(OPS)}, got {op!r}")
-    threshold = node.number("threshold")
-    for_ = node.duration("for", 0.0)
-    min_samples = node.int("min_samples", 10, lo=0)
-    against = node.str("against", "baseline")
-    if against not in ("baseline", "live"):
-        raise ConfigError(node.key_path("against"), f"expected baseline or live, got {against!r}")
-    if node.has("against") and not metric.startswith("psi_"):
-        raise ConfigError(node.key_path("against"), "only for psi_* metrics")
-    description = node.str("description", None)
-    node.done()
-    return AlarmRule(name=name, route=route_name, metric=metric, backend=backend, window=window,
-                     op=op, threshold=threshold, for_=for_, min_samples=min_samples,
-                     against=against, description=description)
+PROBES = TypeAdapter(ProbesConfig)
+
+
+def parse_probes(data: Any, path: str = "") -> ProbesConfig:
+    return validate(PROBES, data, path)

@@ -57,7 +57,7 @@ from gateway.rollout.controller import (
 )
 from gateway.rollout.plan import MIN_CHECK_INTERVAL, PLAN_KEYS, RolloutPlan, parse_plan
 from gateway.routing import Tap
-from gateway.schema import Node, parse_duration
+from gateway.schema import parse_duration
 from gateway.state import RouteState
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class Rollouts:
             if cached is not None and cached[1].to_json() == doc.get("plan"):
                 plan = cached[1]
             else:
-                plan = parse_plan(Node(doc.get("plan") or {}, "plan"), set(cfg.backends))
+                plan = parse_plan(doc.get("plan") or {}, set(cfg.backends), "plan")
         except (ConfigError, TypeError) as exc:
             log.error("unreadable rollout document for route %s: %s", route, exc)
             return
@@ -465,7 +465,7 @@ class Rollouts:
         base = cfg.rollout.to_json() if cfg.rollout is not None else {}
         if any(k in body for k in ("steps", "step", "max_weight")):
             base.pop("steps", None)
-        return parse_plan(Node({**base, **body}), set(cfg.backends))
+        return parse_plan({**base, **body}, set(cfg.backends))
 
     async def pause(self, route: str, actor: str, reason: str | None = None) -> RolloutState:
         def change(state: RolloutState, plan: RolloutPlan) -> RolloutState:

@@ -1,8 +1,9 @@
 """A rollout plan: which backend to ramp, how, and which gates judge it.
 
-The same keys come from a route's ``rollout:`` config section and from the body of
-``POST /admin/routes/{route}/rollout``; both are parsed by `parse_plan` with a `Node`, so a bad
-value names its key path (``routes[0].rollout.steps[1]: ...`` / ``steps[1]: ...``)::
+The same model reads a route's ``rollout:`` config section and the body of
+``POST /admin/routes/{route}/rollout`` (`parse_plan`), so a bad value names its key path
+(``routes[0].rollout.steps[1]: ...`` / ``steps[1]: ...``) and the admin OpenAPI document can
+use `RolloutPlan`'s JSON Schema as it is. ``step``/``max_weight`` are read into `steps`::
 
     rollout:
       backend: green            # the candidate (may be left to the start call)
@@ -22,12 +23,28 @@ backend stays warm as `previous`, the rollback target).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any
 
-from gateway.errors import ConfigError
-from gateway.schema import Node
-from gateway.state import weight_problem
+from pydantic import Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic import model_validator as model_check
+from pydantic.dataclasses import dataclass
+
+from gateway.schema import (
+    MODEL,
+    Flag,
+    Text,
+    UrlPath,
+    _duration,
+    duration,
+    integer,
+    nonempty,
+    number,
+    problem,
+    typed,
+    unknown_backend,
+    validate,
+    weight,
+)
 
 DEFAULT_STEPS = (10.0, 50.0, 100.0)
 DEFAULT_INTERVAL = 60.0
@@ -40,8 +57,23 @@ MIN_CHECK_INTERVAL = 0.01
 MAX_STEPS = 100
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
+Rate = Annotated[float, number(0, 1)] | None
+Positive = Annotated[float, number(above=0)] | None
+StepWeight = Annotated[float, weight(minimum=0.01)]
 
-@dataclass(frozen=True, slots=True)
+
+def _method(value: Any) -> str:
+    method = value.upper() if isinstance(value, str) else value
+    if method not in HTTP_METHODS:
+        raise problem(f"not an HTTP method: {method!r}")
+    return str(method)
+
+
+HttpMethod = Annotated[str, typed(_method, {"type": "string", "enum": sorted(
+    HTTP_METHODS | {m.lower() for m in HTTP_METHODS})})]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class Gates:
     """Thresholds a candidate must meet at each check; None means the gate is off.
 
@@ -49,14 +81,14 @@ class Gates:
     plan can never pass on no evidence but traffic volume.
     """
 
-    max_error_rate: float | None = None
-    max_error_rate_ratio: float | None = None
-    max_p99_ms: float | None = None
-    max_p99_ratio: float | None = None
-    max_null_rate: float | None = None
-    min_shadow_agreement: float | None = None
-    no_firing_alarms: bool = False
-    min_requests: int = DEFAULT_MIN_REQUESTS
+    max_error_rate: Rate = None
+    max_error_rate_ratio: Positive = None
+    max_p99_ms: Positive = None
+    max_p99_ratio: Positive = None
+    max_null_rate: Rate = None
+    min_shadow_agreement: Rate = None
+    no_firing_alarms: Flag = False
+    min_requests: Annotated[int, integer(1, 10_000_000)] = DEFAULT_MIN_REQUESTS
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -74,14 +106,14 @@ class Gates:
 DEFAULT_GATES = Gates(max_error_rate=0.05)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=MODEL)
 class SmokeRequest:
     """A request sent straight to each URL of a backend; the expected status means ready."""
 
-    path: str
-    method: str = "GET"
+    path: UrlPath
+    method: HttpMethod = "GET"
     body: Any = None
-    status: int = 200
+    status: Annotated[int, integer(100, 599)] = 200
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method, "path": self.path, "status": self.status}
@@ -90,18 +122,90 @@ class SmokeRequest:
         return out
 
 
-@dataclass(frozen=True, slots=True)
+def _increasing(steps: tuple[float, ...]) -> tuple[float, ...]:
+    # Weights only go up: raising the weight only moves users from live to candidate, so a
+    # sticky user never flips back during a ramp.
+    for i in range(1, len(steps)):
+        if steps[i] <= steps[i - 1]:
+            raise problem(f"steps must increase, {steps[i]:g} follows {steps[i - 1]:g}", i)
+    return steps
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class RolloutPlan:
-    backend: str | None = None
-    steps: tuple[float, ...] = DEFAULT_STEPS
-    interval: float = DEFAULT_INTERVAL
-    check_interval: float = DEFAULT_CHECK_INTERVAL
-    window: float | None = None
-    failure_threshold: int = DEFAULT_FAILURE_THRESHOLD
-    gates: Gates = field(default_factory=lambda: DEFAULT_GATES)
-    health_path: str = DEFAULT_HEALTH_PATH
-    health_timeout: float = DEFAULT_HEALTH_TIMEOUT
+    backend: Text | None = None
+    steps: Annotated[tuple[StepWeight, ...], nonempty("needs at least one weight"),
+                     Field(max_length=MAX_STEPS)] = DEFAULT_STEPS
+    interval: Annotated[float, duration()] = DEFAULT_INTERVAL
+    check_interval: Annotated[float, duration(lo=MIN_CHECK_INTERVAL)] = DEFAULT_CHECK_INTERVAL
+    window: Annotated[float, duration(positive=True)] | None = None
+    failure_threshold: Annotated[int, integer(1, 1000)] = DEFAULT_FAILURE_THRESHOLD
+    gates: Gates = DEFAULT_GATES
+    health_path: UrlPath = DEFAULT_HEALTH_PATH
+    health_timeout: Annotated[float, duration(positive=True)] = DEFAULT_HEALTH_TIMEOUT
     smoke: SmokeRequest | None = None
+    # The linear form of `steps`: weights step, 2*step, ... up to max_weight (default 100).
+    # Read into `steps` and then cleared, so a plan has one canonical form.
+    step: StepWeight | None = None
+    max_weight: StepWeight | None = None
+
+    @model_check(mode="before")
+    @classmethod
+    def _document_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        if data.get("steps") is not None and (data.get("step") is not None
+                                              or data.get("max_weight") is not None):
+            raise problem("give either 'steps' or 'step'/'max_weight'", "steps")
+        data = dict(data)
+        if data.get("check_interval") is None:
+            try:
+                interval = _duration(data.get("interval", DEFAULT_INTERVAL))
+            except ValueError:
+                interval = DEFAULT_INTERVAL  # the field check reports it
+            data["check_interval"] = (min(DEFAULT_CHECK_INTERVAL, interval) if interval > 0
+                                      else DEFAULT_CHECK_INTERVAL)
+        gates = data.get("gates")
+        if isinstance(gates, dict) and gates.get("max_error_rate") is None:
+            # Every plan keeps an absolute error ceiling: ratio gates are skipped while live
+            # has too little traffic (at 100 %, in a bake), and latency gates pass a candidate
+            # that fails fast, so without it a candidate answering only errors could be
+            # promoted. Set it to 1 to opt out.
+            data["gates"] = {**gates, "max_error_rate": DEFAULT_GATES.max_error_rate}
+        return data
+
+    @field_validator("steps", mode="after")
+    @classmethod
+    def _steps_increase(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        return _increasing(steps)
+
+    @field_validator("backend", mode="after")
+    @classmethod
+    def _known_backend(cls, backend: str | None, info: ValidationInfo) -> str | None:
+        known = (info.context or {}).get("backends")
+        if known is not None and (why := unknown_backend(backend, known)):
+            raise problem(why)
+        return backend
+
+    @model_check(mode="after")
+    def _linear_steps(self) -> RolloutPlan:
+        if self.step is None and self.max_weight is None:
+            return self
+        if self.step is None:
+            raise problem("required", "step")
+        step = self.step
+        top = self.max_weight if self.max_weight is not None else 100.0
+        if top < step:
+            raise problem(f"must be >= step ({step:g})", "max_weight")
+        count = math.floor(top / step + 1e-9)
+        if count > MAX_STEPS:
+            raise problem(f"makes more than {MAX_STEPS} steps", "step")
+        weights = [round(step * i, 2) for i in range(1, count + 1)]
+        if weights[-1] < top:
+            weights.append(top)
+        for name, value in (("steps", tuple(weights)), ("step", None), ("max_weight", None)):
+            object.__setattr__(self, name, value)
+        return self
 
     @property
     def analysis_window(self) -> float:
@@ -128,124 +232,10 @@ class RolloutPlan:
         return out
 
 
-PLAN_KEYS = frozenset({
-    "backend", "steps", "step", "max_weight", "interval", "check_interval", "window",
-    "failure_threshold", "gates", "health_path", "health_timeout", "smoke",
-})
+PLAN = TypeAdapter(RolloutPlan)
+PLAN_KEYS = frozenset(field for field in RolloutPlan.__dataclass_fields__)
 
 
-def parse_plan(node: Node, backends: set[str]) -> RolloutPlan:
+def parse_plan(data: Any, backends: set[str], path: str = "") -> RolloutPlan:
     """A plan from a config section or an API body; raises `ConfigError` naming the key."""
-    backend = node.str("backend", None)
-    if backend is not None and backend not in backends:
-        known = ", ".join(sorted(backends))
-        raise ConfigError(node.key_path("backend"), f"unknown backend {backend!r} (have {known})")
-    steps = _parse_steps(node)
-    interval = node.duration("interval", DEFAULT_INTERVAL)
-    check_interval = node.duration("check_interval", min(DEFAULT_CHECK_INTERVAL, interval)
-                                   if interval > 0 else DEFAULT_CHECK_INTERVAL)
-    if check_interval < MIN_CHECK_INTERVAL:
-        raise ConfigError(node.key_path("check_interval"),
-                          f"must be at least {MIN_CHECK_INTERVAL * 1000:g}ms")
-    window = node.duration("window", None)
-    if window is not None and window <= 0:
-        raise ConfigError(node.key_path("window"), "must be > 0")
-    threshold = node.int("failure_threshold", DEFAULT_FAILURE_THRESHOLD, lo=1, hi=1000)
-    gates_node = node.child("gates", None)
-    gates = _parse_gates(gates_node) if gates_node is not None else DEFAULT_GATES
-    health_path = node.str("health_path", DEFAULT_HEALTH_PATH)
-    if not health_path.startswith("/"):
-        raise ConfigError(node.key_path("health_path"), "must start with '/'")
-    health_timeout = node.duration("health_timeout", DEFAULT_HEALTH_TIMEOUT)
-    if health_timeout <= 0:
-        raise ConfigError(node.key_path("health_timeout"), "must be > 0")
-    smoke_node = node.child("smoke", None)
-    smoke = _parse_smoke(smoke_node) if smoke_node is not None else None
-    node.done()
-    return RolloutPlan(
-        backend=backend, steps=steps, interval=interval, check_interval=check_interval,
-        window=window, failure_threshold=threshold, gates=gates, health_path=health_path,
-        health_timeout=health_timeout, smoke=smoke,
-    )
-
-
-def _check_weight(value: Any, path: str) -> float:
-    """A step's weight: a traffic share of at least 0.01 % (0 would be no step at all)."""
-    problem = weight_problem(value, minimum=0.01)
-    if problem is not None:
-        raise ConfigError(path, problem)
-    return float(value)
-
-
-def _parse_steps(node: Node) -> tuple[float, ...]:
-    if node.has("steps") and (node.has("step") or node.has("max_weight")):
-        raise ConfigError(node.key_path("steps"), "give either 'steps' or 'step'/'max_weight'")
-    if node.has("step") or node.has("max_weight"):
-        step = _check_weight(node.raw("step"), node.key_path("step"))
-        top = _check_weight(node.raw("max_weight", 100.0), node.key_path("max_weight"))
-        if top < step:
-            raise ConfigError(node.key_path("max_weight"), f"must be >= step ({step:g})")
-        count = math.floor(top / step + 1e-9)
-        if count > MAX_STEPS:
-            raise ConfigError(node.key_path("step"), f"makes more than {MAX_STEPS} steps")
-        weights = [round(step * i, 2) for i in range(1, count + 1)]
-        if weights[-1] < top:
-            weights.append(top)
-        return tuple(weights)
-    raw = node.list("steps", None)
-    if raw is None:
-        return DEFAULT_STEPS
-    if not raw:
-        raise ConfigError(node.key_path("steps"), "needs at least one weight")
-    if len(raw) > MAX_STEPS:
-        raise ConfigError(node.key_path("steps"), f"at most {MAX_STEPS} steps")
-    steps: list[float] = []
-    for i, value in enumerate(raw):
-        path = f"{node.key_path('steps')}[{i}]"
-        weight = _check_weight(value, path)
-        # Weights only go up: raising the weight only moves users from live to candidate, so a
-        # sticky user never flips back during a ramp.
-        if steps and weight <= steps[-1]:
-            raise ConfigError(path, f"steps must increase, {weight:g} follows {steps[-1]:g}")
-        steps.append(weight)
-    return tuple(steps)
-
-
-def _parse_gates(node: Node) -> Gates:
-    def positive(key: str) -> float | None:
-        value = node.number(key, None)
-        if value is not None and value <= 0:
-            raise ConfigError(node.key_path(key), f"must be > 0, got {value!r}")
-        return value  # type: ignore[no-any-return]
-
-    gates = Gates(
-        max_error_rate=node.number("max_error_rate", None, lo=0, hi=1),
-        max_error_rate_ratio=positive("max_error_rate_ratio"),
-        max_p99_ms=positive("max_p99_ms"),
-        max_p99_ratio=positive("max_p99_ratio"),
-        max_null_rate=node.number("max_null_rate", None, lo=0, hi=1),
-        min_shadow_agreement=node.number("min_shadow_agreement", None, lo=0, hi=1),
-        no_firing_alarms=node.bool("no_firing_alarms", False),
-        min_requests=node.int("min_requests", DEFAULT_MIN_REQUESTS, lo=1, hi=10_000_000),
-    )
-    node.done()
-    if gates.max_error_rate is None:
-        # Every plan keeps an absolute error ceiling: ratio gates are skipped while live has
-        # too little traffic (at 100 %, in a bake), and latency gates pass a candidate that
-        # fails fast, so without it a candidate answering only errors could be promoted.
-        # Set it to 1 to opt out.
-        gates = replace(gates, max_error_rate=DEFAULT_GATES.max_error_rate)
-    return gates
-
-
-def _parse_smoke(node: Node) -> SmokeRequest:
-    path = node.str("path")
-    if not path.startswith("/"):
-        raise ConfigError(node.key_path("path"), "must start with '/'")
-    method = node.str("method", "GET").upper()
-    if method not in HTTP_METHODS:
-        raise ConfigError(node.key_path("method"), f"not an HTTP method: {method!r}")
-    body = node.raw("body", None)
-    status = node.int("status", 200, lo=100, hi=599)
-    node.done()
-    return SmokeRequest(path=path, method=method, body=body, status=status)
+    return validate(PLAN, data, path, context={"backends": backends})
