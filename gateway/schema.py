@@ -106,12 +106,22 @@ def _message(error: Any) -> tuple[tuple[Any, ...], str]:
     return (), str(error["msg"])
 
 
+def without_nulls(data: Any) -> Any:
+    """`key:` with nothing after it (YAML null) means the key is absent, as it always has:
+    `timeouts:` left empty keeps the defaults instead of failing."""
+    if isinstance(data, dict):
+        return {k: without_nulls(v) for k, v in data.items() if v is not None}
+    if isinstance(data, list):
+        return [without_nulls(v) for v in data]
+    return data
+
+
 def validate(adapter: TypeAdapter[T], data: Any, path: str = "",
              context: dict[str, Any] | None = None) -> T:
     """`data` checked and typed by `adapter`; the first problem as a `ConfigError` whose key
     path starts at `path` (e.g. ``routes[0].shadow``)."""
     try:
-        return adapter.validate_python(data, context=context)
+        return adapter.validate_python(without_nulls(data), context=context)
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         extra, text = _message(error)

@@ -471,3 +471,24 @@ def test_file_errors_name_the_key_path(tmp_path: Path) -> None:
     assert str(info.value) == (
         "routes[0].backends.green.url: not an http(s) URL: 'green-host:9002'"
     )
+
+
+def test_an_empty_key_means_absent(tmp_path: Path) -> None:
+    """`timeouts:` with nothing after it (YAML null) keeps the defaults, as it always did."""
+    text = """
+listen: 127.0.0.1:0
+admin:
+webhooks:
+routes:
+  - name: r
+    match: {path_prefix: /}
+    backends: {blue: {url: "http://127.0.0.1:1"}}
+    live: blue
+    timeouts:
+    shadow:
+"""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.routes[0].timeouts.read == 30.0
+    assert config.routes[0].shadow is None and config.webhooks == ()
