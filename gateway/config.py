@@ -81,6 +81,55 @@ class AdminConfig:
     tokens: dict[str, str] = field(default_factory=dict)
 
 
+# -- issue #9 (perf): the proxy port's server. Kept separate for the port onto typed models. --
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The client-facing server: which one, its limits and timeouts, TLS."""
+
+    kind: Literal["fast", "aiohttp"] = "fast"
+    header_timeout: float = 10.0  # from a message's first byte to its last header (slowloris)
+    keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this
+    body_timeout: float = 60.0  # longest silence of a client sending a body or reading ours
+    max_request_line: int = 8192  # bytes of request target (414 beyond)
+    max_headers: int = 100  # header lines (431 beyond)
+    max_header_bytes: int = 64 * 1024  # names + values (431 beyond)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+
+def _parse_server(top: Node) -> ServerConfig:
+    """`server: fast|aiohttp` (a name) or a mapping with `kind` and the limits below."""
+    raw = top.raw("server", None)
+    if raw is None:
+        return ServerConfig()
+    if isinstance(raw, str):
+        raw = {"kind": raw}
+    node = Node(raw, "server")
+    kind = node.str("kind", "fast")
+    if kind not in ("fast", "aiohttp"):
+        raise ConfigError("server.kind", f"expected 'fast' or 'aiohttp', got {kind!r}")
+    tls = node.child("tls", None)
+    cert = key = None
+    if tls is not None:
+        cert = tls.str("cert")
+        key = tls.str("key", None)
+        tls.done()
+    config = ServerConfig(
+        kind=kind,
+        header_timeout=node.duration("header_timeout", 10.0),
+        keepalive_timeout=node.duration("keepalive_timeout", 75.0),
+        body_timeout=node.duration("body_timeout", 60.0),
+        max_request_line=node.int("max_request_line", 8192, lo=64),
+        max_headers=node.int("max_headers", 100, lo=1),
+        max_header_bytes=node.size("max_header_bytes", 64 * 1024),
+        tls_cert=cert,
+        tls_key=key,
+    )
+    node.done()
+    return config
+# -- end issue #9 --
+
+
 @dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: tuple[tuple[str, int], ...] = (DEFAULT_LISTEN,)
@@ -92,6 +141,7 @@ class GatewayConfig:
     webhooks: tuple[str, ...] = ()
     access_log_sample: float = 0.0
     source: str = "<dict>"
+    server: ServerConfig = field(default_factory=ServerConfig)  # issue #9
 
     def route(self, name: str) -> RouteConfig | None:
         for route in self.routes:
@@ -153,6 +203,7 @@ def parse_config(
         webhooks=webhooks,
         access_log_sample=top.number("access_log_sample", 0.0, lo=0, hi=1),
         source=source,
+        server=_parse_server(top),  # issue #9
     )
     top.done()
     return config
