@@ -38,12 +38,16 @@ access_log = logging.getLogger("modelgate.access")
 BUFFER_REQUEST_UP_TO = 64 * 1024  # smaller bodies of known length are read whole: cheaper
 BUFFER_RESPONSE_UP_TO = 1024 * 1024
 MAX_REQUEST_ID = 200
-_DROP_RESPONSE = HOP_BY_HOP | {b"content-length"}
+# Hop-by-hop headers the backend sent are dropped; its framing header (Content-Length or
+# Transfer-Encoding) stays where it was, since the body goes on framed the same way.
+_DROP_RESPONSE = HOP_BY_HOP - {b"transfer-encoding"}
 _NO_BODY_STATUS = frozenset({204, 304})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close"})
-# Ours to set (host, framing) or answered by the server (expect: 100-continue).
-_NOT_FORWARDED = frozenset({b"host", b"content-length", b"expect"})
+# Ours to set (host) or answered by the server (expect: 100-continue). The client's framing
+# header goes on in its place; the upstream replaces it if it does not match what it sends.
+_NOT_FORWARDED = frozenset({b"host", b"expect"})
+_DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
 _JSON = (b"Content-Type", b"application/json")
 REQUEST_ID = b"X-Request-ID"
 
@@ -67,20 +71,21 @@ class RequestBody(Protocol):
 
 
 class ResponseSink(Protocol):
-    """Where the proxy writes its answer. The server owns framing: `send` writes a complete
-    message with Content-Length; `start(length=None)` streams chunked (close-delimited to an
-    HTTP/1.0 client). Headers come without framing headers; the sink adds only those."""
+    """Where the proxy writes its answer. The headers given carry the message's framing
+    header (Content-Length or Transfer-Encoding: chunked) where the backend had it, so a
+    server that writes them as given adds nothing to the backend's message; a server that
+    frames by itself (aiohttp) drops them and sets its own."""
 
     async def send(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
-        """A whole response (with Content-Length: len(body), unless 1xx/204/304)."""
+        """A whole response; `headers` hold Content-Length: len(body)."""
 
-    async def send_head(self, status: int, reason: str, headers: Headers,
-                        length: int | None) -> None:
-        """A response without a body (HEAD, 204, 304); `length` is a HEAD answer's
-        Content-Length, written as given."""
+    async def send_head(self, status: int, reason: str, headers: Headers) -> None:
+        """A response without a body (HEAD, 204, 304), headers as given."""
 
-    async def start(self, status: int, reason: str, headers: Headers, length: int | None) -> None:
-        """Begin a streamed response."""
+    async def start(self, status: int, reason: str, headers: Headers, chunked: bool) -> None:
+        """Begin a streamed response: chunked (`headers` hold Transfer-Encoding: chunked;
+        to an HTTP/1.0 client the server sends it close-delimited instead) or of the length
+        in the headers' Content-Length."""
 
     async def write(self, chunk: bytes) -> None:
         """One piece of a streamed body; waits while the client is slow to read."""
@@ -181,12 +186,13 @@ class Proxy:
             rid = client_request_id(header_value(request.headers, b"x-request-id"))
             headers, body = error_body(500, "internal_error", "the gateway failed; see its log",
                                        rid)
+            headers.append((b"Content-Length", b"%d" % len(body)))
             await sink.send(500, "Internal Server Error", headers, body)
 
     async def _proxy(self, request: ProxyRequest, sink: ResponseSink) -> None:
         started = time.perf_counter()
         # One pass over the headers: what is forwarded, and the few values we need.
-        drop = HOP_BY_HOP
+        drop = _DROP_REQUEST
         out: Headers = []
         host: bytes | None = None
         rid_raw: bytes | None = None
@@ -358,9 +364,11 @@ class Proxy:
                 )
 
     @staticmethod
-    def _response_headers(resp: UpstreamResponse, rid: bytes) -> Headers:
+    def _response_headers(resp: UpstreamResponse, rid: bytes) -> tuple[Headers, bool]:
+        """The backend's headers minus hop-by-hop ones, plus our X-Request-ID; and whether
+        they hold a framing header (Content-Length or Transfer-Encoding)."""
         out: Headers = []
-        has_id = False
+        has_id = framed = False
         named: frozenset[bytes] = frozenset()
         for name, value in resp.headers:
             lower = name.lower()
@@ -370,13 +378,15 @@ class Proxy:
                 continue
             if lower == b"x-request-id":
                 has_id = True
+            elif lower == b"content-length" or lower == b"transfer-encoding":
+                framed = True
             out.append((name, value))
         if named:  # rare: headers the backend's Connection header made hop-by-hop
             out = [(n, v) for n, v in out if n.lower() not in named]
             has_id = any(n.lower() == b"x-request-id" for n, _ in out)
         if not has_id:
             out.append((REQUEST_ID, rid))
-        return out
+        return out, framed
 
     async def _respond(
         self,
@@ -388,14 +398,13 @@ class Proxy:
         exchange: Exchange | None,
     ) -> UpstreamError | None:
         """Write the client's response; the backend's failure if its body broke off."""
-        headers = self._response_headers(resp, rid)
+        headers, framed = self._response_headers(resp, rid)
         if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
             if request.method == "HEAD":
                 resp.close()
-                await sink.send_head(resp.status, resp.reason, headers, resp.content_length)
             else:
                 await resp.read()
-                await sink.send_head(resp.status, resp.reason, headers, None)
+            await sink.send_head(resp.status, resp.reason, headers)
             return None
         length = resp.content_length
         if length is not None and length <= BUFFER_RESPONSE_UP_TO:
@@ -412,12 +421,15 @@ class Proxy:
             await sink.send(resp.status, resp.reason, headers, body)
             return None
 
+        chunked = length is None
+        if not framed:  # close-delimited from the backend: chunked to the client
+            headers.append((b"Transfer-Encoding", b"chunked"))
         capture: list[bytes] | None = (
             [] if exchange is not None and route.needs_response_body else None
         )
         captured = 0
         try:
-            await sink.start(resp.status, resp.reason, headers, length)
+            await sink.start(resp.status, resp.reason, headers, chunked)
             async for chunk in resp.iter_chunks():
                 await sink.write(chunk)
                 if capture is not None:
@@ -444,6 +456,7 @@ class Proxy:
 async def _error(sink: ResponseSink, status: int, code: str, message: str,
                  request_id: str | None, **extra: object) -> None:
     headers, body = error_body(status, code, message, request_id, **extra)
+    headers.append((b"Content-Length", b"%d" % len(body)))
     await sink.send(status, _REASONS.get(status, ""), headers, body)
 
 

@@ -49,9 +49,15 @@ class _Body:
             raise ClientGone(str(exc)) from exc
 
 
-def _str_headers(headers: Headers) -> CIMultiDict[str]:
-    # aiohttp writes header text as UTF-8; bytes that are not UTF-8 become U+FFFD.
-    return CIMultiDict((k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in headers)
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def _str_headers(headers: Headers, keep_length: bool = False) -> CIMultiDict[str]:
+    # aiohttp frames by itself (and refuses a Content-Length attribute on bodiless answers,
+    # hence `keep_length`); it writes header text as UTF-8, so non-UTF-8 becomes U+FFFD.
+    return CIMultiDict((k.decode("latin-1"), v.decode("utf-8", "replace")) for k, v in headers
+                       if k.lower() not in _FRAMING
+                       or keep_length and k.lower() == b"content-length")
 
 
 class _Sink:
@@ -72,22 +78,19 @@ class _Sink:
             await response.write(body)
         await response.write_eof()
 
-    async def send_head(self, status: int, reason: str, headers: Headers,
-                        length: int | None) -> None:
-        out = _str_headers(headers)
-        if length is not None:
-            # Kept as a header: aiohttp refuses the attribute on a bodiless answer.
-            out["Content-Length"] = str(length)
-        response = self.response = web.StreamResponse(status=status, reason=reason or None,
-                                                      headers=out)
+    async def send_head(self, status: int, reason: str, headers: Headers) -> None:
+        response = self.response = web.StreamResponse(
+            status=status, reason=reason or None,
+            headers=_str_headers(headers, keep_length=self.request.method == "HEAD"))
         await response.prepare(self.request)
         await response.write_eof()
 
-    async def start(self, status: int, reason: str, headers: Headers, length: int | None) -> None:
+    async def start(self, status: int, reason: str, headers: Headers, chunked: bool) -> None:
         response = self.response = web.StreamResponse(status=status, reason=reason or None,
                                                       headers=_str_headers(headers))
-        if length is not None:
-            response.content_length = length
+        if not chunked:
+            length = next(v for k, v in headers if k.lower() == b"content-length")
+            response.content_length = int(length)
         elif self.request.version >= (1, 1):
             response.enable_chunked_encoding()
         await response.prepare(self.request)

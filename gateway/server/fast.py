@@ -482,11 +482,8 @@ class _Connection(asyncio.Protocol):
             return
         transport = self.transport
         assert transport is not None
-        if status in _NO_BODY_STATUS or status < 200:
-            transport.write(self._head(status, reason, headers, b""))
-            return
-        head = self._head(status, reason, headers, b"Content-Length: %d\r\n" % len(body))
-        if self._head_only or not body:
+        head = self._head(status, reason, headers, b"")
+        if self._head_only or not body or status in _NO_BODY_STATUS:
             transport.write(head)
         elif len(body) <= 64 * 1024:
             transport.write(head + body)
@@ -495,27 +492,23 @@ class _Connection(asyncio.Protocol):
         if self._write_paused:
             await self._drain()
 
-    async def send_head(self, status: int, reason: str, headers: Headers,
-                        length: int | None) -> None:
+    async def send_head(self, status: int, reason: str, headers: Headers) -> None:
         if self.closed:
             return
         assert self.transport is not None
-        framing = b"Content-Length: %d\r\n" % length if length is not None else b""
-        self.transport.write(self._head(status, reason, headers, framing))
+        self.transport.write(self._head(status, reason, headers, b""))
 
-    async def start(self, status: int, reason: str, headers: Headers, length: int | None) -> None:
+    async def start(self, status: int, reason: str, headers: Headers, chunked: bool) -> None:
         if self.closed:
             raise ClientGone("the client left before its answer")
         assert self.transport is not None
-        if length is not None:
-            framing = b"Content-Length: %d\r\n" % length
-        elif self._out_http11:
-            framing = b"Transfer-Encoding: chunked\r\n"
-            self._out_chunked = True
-        else:
-            framing = b""  # HTTP/1.0: the body ends with the connection
-            self._out_keep_alive = False
-        self.transport.write(self._head(status, reason, headers, framing))
+        if chunked:
+            if self._out_http11:
+                self._out_chunked = True
+            else:  # HTTP/1.0 knows no chunks: the body ends with the connection
+                headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+                self._out_keep_alive = False
+        self.transport.write(self._head(status, reason, headers, b""))
 
     async def write(self, chunk: bytes) -> None:
         if self.closed:

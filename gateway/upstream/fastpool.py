@@ -593,7 +593,14 @@ class FastUpstream:
             if len(name) in _SPECIAL_LENGTHS:
                 lower = name.lower()
                 if lower in _FRAMING:
-                    continue  # the framing is ours: it must match what we send
+                    # The framing is ours: it must match what we send. The caller's header
+                    # stays in its place when it says just that (exact message fidelity).
+                    if framing and framing.endswith(b": %s\r\n" % value) and framing.lower(
+                    ).startswith(lower):
+                        parts += (name, b": ", value, b"\r\n")
+                        lines += 1
+                        framing = b""
+                    continue
                 if lower == b"host":
                     has_host = True
             parts += (name, b": ", value, b"\r\n")
