@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.web_server import Server
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway import __version__
@@ -37,6 +36,7 @@ from gateway.routing import (
     StaticRoute,
     Tap,
 )
+from gateway.server import ProxyServer, make_server
 from gateway.state import RouteState
 from gateway.store import Store, open_store
 from gateway.upstream import Upstream, make_upstream
@@ -85,6 +85,7 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         reuse_port: bool = False,
         worker: int | None = None,
+        server_kind: str | None = None,
     ) -> None:
         self.config = config
         # Workers of `serve --workers N` share the proxy port (SO_REUSEPORT); `worker` is this
@@ -109,8 +110,10 @@ class Gateway:
         self.upstream_kind = upstream_kind
         self._upstreams: dict[str, Upstream] = {}
         self.static: dict[str, StaticRoute] = {}
-        self.table = RoutingTable([])
-        self.proxy = Proxy(self)
+        # The proxy gets only what it uses; `self.table` reads and replaces its table.
+        self.proxy = Proxy(self.recorder, config.access_log_sample)
+        self.server_kind = server_kind or config.server.kind
+        self._proxy_server: ProxyServer | None = None
         factories = default_components() if components is None else components
         self.components: list[Component] = [factory(self) for factory in factories]
         self.ready = False
@@ -119,6 +122,14 @@ class Gateway:
         self._runners: list[web.BaseRunner] = []
         self.addresses: list[tuple[str, int]] = []
         self.admin_address: tuple[str, int] | None = None
+
+    @property
+    def table(self) -> RoutingTable:
+        return self.proxy.table
+
+    @table.setter
+    def table(self, table: RoutingTable) -> None:
+        self.proxy.table = table
 
     def component(self, name: str) -> Any:
         found = self.find_component(name)
@@ -221,19 +232,10 @@ class Gateway:
         for name in list(self.static):
             self.refresh_route(name)
         if serve_proxy:
-            server = Server(self.proxy.handle, access_log=None, handler_cancellation=False)
-            runner = web.ServerRunner(server, handle_signals=False)
-            await runner.setup()
-            self._runners.append(runner)
-            for sock in sockets:
-                await web.SockSite(runner, sock).start()
-                host, port = sock.getsockname()[:2]
-                self.addresses.append((host, port))
-            for host, port in () if sockets else self.config.listen:
-                site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024,
-                                   reuse_port=self.reuse_port or None)
-                await site.start()
-                self.addresses.append(_bound(site, host, port))
+            server = self._proxy_server = make_server(self.server_kind, self.proxy,
+                                                      self.config.server)
+            await server.start(self.config.listen, sockets, self.reuse_port)
+            self.addresses.extend(server.addresses)
         if serve_admin:
             from gateway.admin.api import build_admin_app
 
@@ -265,6 +267,9 @@ class Gateway:
         # Hand the controller lease over first: another process takes over while we drain.
         await self.lease.stop()
         await self.drain(drain_timeout)
+        if self._proxy_server is not None:
+            await self._proxy_server.stop(timeout=1.0)
+            self._proxy_server = None
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()

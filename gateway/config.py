@@ -42,9 +42,11 @@ from gateway.schema import (
     Text,
     UrlPath,
     duration,
+    integer,
     nonempty,
     number,
     problem,
+    size,
     text,
     typed,
     unknown_backend,
@@ -221,6 +223,44 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
+class TlsFiles:
+    cert: Text
+    key: Text | None = None  # None: the key is in the cert file
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class ServerConfig:
+    """The client-facing server of the proxy port: which one, its limits and timeouts, TLS.
+
+    ``server: fast`` (or ``aiohttp``) alone names the kind and keeps the defaults."""
+
+    kind: Literal["fast", "aiohttp"] = "fast"
+    # From a message's first byte to its last header (slowloris).
+    header_timeout: Annotated[float, duration(positive=True)] = 10.0
+    # An idle keep-alive connection is closed after this.
+    keepalive_timeout: Annotated[float, duration(positive=True)] = 75.0
+    # Longest silence of a client sending a body or reading ours.
+    body_timeout: Annotated[float, duration(positive=True)] = 60.0
+    max_request_line: Annotated[int, integer(64, 1 << 20)] = 8192  # 414 beyond
+    max_headers: Annotated[int, integer(1, 10_000)] = 100  # header lines; 431 beyond
+    max_header_bytes: Annotated[int, size(1024)] = 64 * 1024  # names + values; 431 beyond
+    tls: TlsFiles | None = None
+
+    @model_check(mode="before")
+    @classmethod
+    def _kind_alone(cls, data: Any) -> Any:
+        return {"kind": data} if isinstance(data, str) else data
+
+    @property
+    def tls_cert(self) -> str | None:
+        return self.tls.cert if self.tls is not None else None
+
+    @property
+    def tls_key(self) -> str | None:
+        return self.tls.key if self.tls is not None else None
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class GatewayConfig:
     listen: Addresses = Field(default=(DEFAULT_LISTEN,),
                               json_schema_extra={"default": "127.0.0.1:8000"})
@@ -231,6 +271,7 @@ class GatewayConfig:
     alarms: tuple[AlarmRule, ...] = ()
     webhooks: tuple[HttpUrl, ...] = ()
     access_log_sample: Annotated[float, number(0, 1)] = 0.0
+    server: ServerConfig = Field(default_factory=ServerConfig)
     source: SkipJsonSchema[str] = "<dict>"  # the file it came from; not a document key
 
     @field_validator("source")

@@ -1,9 +1,16 @@
-"""The hot path: match a route, pick a backend, forward, stream the answer back.
+"""The hot path: match a route, pick a backend, forward, write the answer, then tap.
+
+The proxy core is transport-neutral: a server (gateway/server/: the httptools protocol server
+or the aiohttp adapter) turns each request into a `ProxyRequest` (method, target, headers as
+bytes, a body source, peer, TLS flag) and hands it to `Proxy.handle` with a `ResponseSink`
+to write the answer into. The proxy logic (match, pick, forward, errors, taps) is written
+once, here.
 
 Per request this does no I/O besides the backend call, takes no lock and allocates little:
-route tables, backends, pools and metric objects are all built when the config or the
-routing state changes (see routing.py). Features that need to look at the exchange (shadow,
-probes) are taps run after the client has its response; they never await.
+route tables, backends, pools and metric objects are built when the config or the routing
+state changes (see routing.py). Headers stay bytes from socket to socket; only the values a
+feature needs (host, request id, sticky key) are decoded. Features that look at the exchange
+(shadow, probes) are taps run after the client's answer is written; they never await.
 """
 
 from __future__ import annotations
@@ -15,50 +22,104 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import Protocol
+from urllib.parse import parse_qsl, unquote
 
 import orjson
-from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway.errors import UpstreamError
-from gateway.routing import CompiledRoute, Exchange, sticky_key_of
+from gateway.metrics import Recorder
+from gateway.routing import CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.upstream import HOP_BY_HOP, Headers, UpstreamResponse
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("modelgate.proxy")
 access_log = logging.getLogger("modelgate.access")
 
 BUFFER_REQUEST_UP_TO = 64 * 1024  # smaller bodies of known length are read whole: cheaper
 BUFFER_RESPONSE_UP_TO = 1024 * 1024
-READ_CHUNK = 64 * 1024
-REQUEST_ID = "X-Request-ID"
 MAX_REQUEST_ID = 200
-_DROP_RESPONSE = HOP_BY_HOP | {"content-length"}
+# Hop-by-hop headers the backend sent are dropped; its framing header (Content-Length or
+# Transfer-Encoding) stays where it was, since the body goes on framed the same way.
+_DROP_RESPONSE = HOP_BY_HOP - {b"transfer-encoding"}
 _NO_BODY_STATUS = frozenset({204, 304})
-_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "Keep-Alive", "Close"})
-_PLAIN_CONNECTION_TOKENS = frozenset({"keep-alive", "close"})
-# Ours to set (host, framing) or already answered here (expect: see Proxy.handle).
-_NOT_FORWARDED = frozenset({"host", "content-length", "expect"})
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+_PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close"})
+# Ours to set (host) or answered by the server (expect: 100-continue). The client's framing
+# header goes on in its place; the upstream replaces it if it does not match what it sends.
+_NOT_FORWARDED = frozenset({b"host", b"expect"})
+_DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
+_JSON = (b"Content-Type", b"application/json")
+REQUEST_ID = b"X-Request-ID"
 
 
 class BodyTooLarge(Exception):
     pass
 
 
-def json_error(status: int, code: str, message: str, request_id: str | None = None,
-               **extra: object) -> web.Response:
+class ClientGone(ConnectionError):
+    """The client closed its connection (or sent a broken body) while we were reading."""
+
+
+class RequestBody(Protocol):
+    """A request body as the server receives it. `chunk()` returns the next piece, b"" at the
+    end; it raises `ClientGone` if the client leaves mid-body. The first call is what tells
+    an `Expect: 100-continue` client to send (the server answers 100 then)."""
+
+    length: int | None  # Content-Length, None when chunked
+
+    async def chunk(self) -> bytes: ...
+
+
+class ResponseSink(Protocol):
+    """Where the proxy writes its answer. The headers given carry the message's framing
+    header (Content-Length or Transfer-Encoding: chunked) where the backend had it, so a
+    server that writes them as given adds nothing to the backend's message; a server that
+    frames by itself (aiohttp) drops them and sets its own."""
+
+    async def send(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        """A whole response; `headers` hold Content-Length: len(body)."""
+
+    async def send_head(self, status: int, reason: str, headers: Headers) -> None:
+        """A response without a body (HEAD, 204, 304), headers as given."""
+
+    async def start(self, status: int, reason: str, headers: Headers, chunked: bool) -> None:
+        """Begin a streamed response: chunked (`headers` hold Transfer-Encoding: chunked;
+        to an HTTP/1.0 client the server sends it close-delimited instead) or of the length
+        in the headers' Content-Length."""
+
+    async def write(self, chunk: bytes) -> None:
+        """One piece of a streamed body; waits while the client is slow to read."""
+
+    async def end(self) -> None: ...
+
+    def abort(self) -> None:
+        """Cut the connection: the only honest signal once headers are out."""
+
+
+class ProxyRequest:
+    """One request as the proxy sees it, whichever server received it."""
+
+    __slots__ = ("method", "target", "headers", "body", "peer", "tls", "http11")
+
+    def __init__(self, method: str, target: str, headers: Headers, body: RequestBody | None,
+                 peer: str, tls: bool, http11: bool) -> None:
+        self.method = method
+        self.target = target  # path + query: latin-1 text of the client's exact bytes
+        self.headers = headers
+        self.body = body  # None: the request has no body
+        self.peer = peer
+        self.tls = tls
+        self.http11 = http11
+
+
+def error_body(status: int, code: str, message: str, request_id: str | None,
+               **extra: object) -> tuple[Headers, bytes]:
     body: dict[str, object] = {"error": code, "message": message, **extra}
-    headers = {}
+    headers: Headers = [_JSON]
     if request_id:
         body["request_id"] = request_id
-        headers[REQUEST_ID] = request_id
-    return web.Response(
-        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
-    )
+        headers.append((REQUEST_ID, request_id.encode()))
+    return headers, orjson.dumps(body)
 
 
 _ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers and replicas
@@ -70,122 +131,194 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
-def client_request_id(value: str | None) -> str | None:
+def client_request_id(value: bytes | None) -> str | None:
     """The client's X-Request-ID if it is safe to log, echo and forward, else None."""
-    if not value or len(value) > MAX_REQUEST_ID or not value.isascii() or not value.isprintable():
+    if not value or len(value) > MAX_REQUEST_ID or not value.isascii():
         return None
-    return value
+    text = value.decode("ascii")
+    return text if text.isprintable() else None
 
 
-def connection_tokens(value: str) -> frozenset[str]:
+def connection_tokens(value: bytes) -> frozenset[bytes]:
     """Header names a `Connection` header makes hop-by-hop (beyond the fixed set).
 
     Nearly every message says just ``keep-alive`` or ``close``: answer that without a set."""
     if value in _PLAIN_CONNECTION:
         return frozenset()
-    return frozenset(t.strip().lower() for t in value.split(",")) - _PLAIN_CONNECTION_TOKENS
+    return frozenset(t.strip().lower() for t in value.split(b",")) - _PLAIN_CONNECTION_TOKENS
+
+
+def header_value(headers: Headers, lower_name: bytes) -> bytes | None:
+    """The first value of a header (name given lower-case)."""
+    n = len(lower_name)
+    for name, value in headers:
+        if len(name) == n and name.lower() == lower_name:
+            return value
+    return None
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
 
 
 class Proxy:
-    """The request handler of the client-facing server."""
+    """The request handler behind the client-facing server.
 
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    It gets only what it uses: the current routing table (replaced whole by the gateway on
+    every state change), the recorder for in-flight gauges, and the access-log sample rate.
+    """
+
+    def __init__(self, recorder: Recorder, access_log_sample: float = 0.0) -> None:
+        self.table = RoutingTable([])
+        self.recorder = recorder
         self.in_flight = 0
-        self.access_log_sample = gateway.config.access_log_sample
+        self.access_log_sample = access_log_sample
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """The server's handler: a bug in the gateway is a JSON 500, never a traceback."""
+    async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
+        """Answer one request into `sink`; a bug in the gateway is a JSON 500, never a
+        traceback. Returns once the answer is written and the taps have run."""
         try:
-            return await self._proxy(request)
+            await self._proxy(request, sink)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
-            log.exception("proxy failed on %s %s", request.method, request.path)
-            return json_error(500, "internal_error", "the gateway failed; see its log",
-                              client_request_id(request.headers.get(REQUEST_ID)))
+            log.exception("proxy failed on %s %s", request.method, request.target)
+            rid = client_request_id(header_value(request.headers, b"x-request-id"))
+            headers, body = error_body(500, "internal_error", "the gateway failed; see its log",
+                                       rid)
+            headers.append((b"Content-Length", b"%d" % len(body)))
+            await sink.send(500, "Internal Server Error", headers, body)
 
-    async def _proxy(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _proxy(self, request: ProxyRequest, sink: ResponseSink) -> None:
         started = time.perf_counter()
-        headers_in = request.headers
-        request_id = client_request_id(headers_in.get(REQUEST_ID)) or new_request_id()
-        path = request.path
-        if "/." in path and _has_dot_segment(path):
+        # One pass over the headers: what is forwarded, and the few values we need.
+        drop = _DROP_REQUEST
+        out: Headers = []
+        host: bytes | None = None
+        rid_raw: bytes | None = None
+        rid_at = -1
+        connection: bytes | None = None
+        forwarded_for: bytes | None = None
+        has_proto = has_fhost = False
+        for name, value in request.headers:
+            lower = name.lower()
+            if lower in drop or lower in _NOT_FORWARDED:
+                if lower == b"host":
+                    host = value
+                elif lower == b"connection":
+                    connection = value if connection is None else connection + b"," + value
+                continue
+            if lower[:2] == b"x-":
+                if lower == b"x-forwarded-for":  # several lines are one list: keep them all
+                    forwarded_for = (value if forwarded_for is None
+                                     else forwarded_for + b", " + value)
+                    continue
+                if lower == b"x-forwarded-proto":
+                    has_proto = True
+                elif lower == b"x-forwarded-host":
+                    has_fhost = True
+                elif lower == b"x-request-id":
+                    if rid_at < 0:
+                        rid_raw = value
+                        rid_at = len(out)
+                    else:
+                        continue  # one id goes on: the one the client gets back
+            out.append((name, value))
+        if connection is not None and (extra := connection_tokens(connection)):
+            out = [(n, v) for n, v in out if n.lower() not in extra]
+            rid_at = next((i for i, (n, _) in enumerate(out) if n.lower() == b"x-request-id"),
+                          -1)
+
+        request_id = client_request_id(rid_raw) or new_request_id()
+        rid = request_id.encode()
+        target = request.target
+        query_at = target.find("?")
+        path = target if query_at < 0 else target[:query_at]
+        host_text = host.decode("latin-1") if host is not None else None
+        if ("/." in path or "%2" in path) and _has_dot_segment(unquote(path)):
             # We match "/public" on "/public/../internal" but the backend may resolve it to
             # "/internal": refuse rather than route on one path and serve another.
-            return json_error(400, "bad_path", "'.' and '..' path segments are not allowed",
-                              request_id)
-        route = self.gateway.table.match(request.host, path)
+            await _error(sink, 400, "bad_path", "'.' and '..' path segments are not allowed",
+                         request_id)
+            return
+        route = self.table.match(host_text, path)
         if route is None:
-            return json_error(404, "no_route", f"no route matches {request.path}", request_id)
+            await _error(sink, 404, "no_route", f"no route matches {path}", request_id)
+            return
 
-        length = request.content_length
+        body_in = request.body
+        length = body_in.length if body_in is not None else None
         if length is not None and length > route.max_body:
-            return json_error(413, "body_too_large",
-                              f"request body over the route's limit of {route.max_body} bytes",
-                              request_id, route=route.name)
+            await _too_large(sink, route, request_id)
+            return
 
-        key = sticky_key_of(route.sticky, headers_in, request.query) if route.sticky else None
-        override = headers_in.get(route.override_header) if route.override_header else None
+        key = _sticky_key(route, request.headers, target, query_at) if route.sticky else None
+        override = None
+        if route.override_name is not None:
+            raw = header_value(request.headers, route.override_name)
+            override = _text(raw) if raw is not None else None
         backend = route.pick(key, override)
         stats = backend.stats
 
-        rec = self.gateway.recorder
+        peer = request.peer.encode()
+        out.append((b"X-Forwarded-For",
+                    forwarded_for + b", " + peer if forwarded_for is not None else peer))
+        if not has_proto:
+            out.append((b"X-Forwarded-Proto", b"https" if request.tls else b"http"))
+        if not has_fhost and host:
+            out.append((b"X-Forwarded-Host", host))
+        if rid_at >= 0:
+            out[rid_at] = (out[rid_at][0], rid)  # an empty or unusable one was replaced
+        else:
+            out.append((REQUEST_ID, rid))
+
+        rec_in_flight = self.recorder.in_flight
         self.in_flight += 1
-        rec.in_flight[route.name] = rec.in_flight.get(route.name, 0) + 1
+        rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
         try:
-            forward = self._forward_headers(request, request_id)
-            expect = headers_in.get("Expect")
-            if (expect is not None and expect.lower() == "100-continue" and request.body_exists
-                    and request.version >= (1, 1)):
-                # The client holds its body back until it sees this (curl waits 1 s for it);
-                # the low-level server does not send it for us the way web.Application does.
-                await request.writer.write(_CONTINUE)
-                request.writer.output_size = 0
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
-            if not request.body_exists:
+            if body_in is None:
                 body = None
             elif route.needs_request_body or (
                 length is not None and length <= BUFFER_REQUEST_UP_TO
             ):
                 try:
-                    body = await _read_body(request, route.max_body)
+                    body = await _read_body(body_in, route.max_body)
                 except BodyTooLarge:
                     status = 413
-                    return json_error(413, "body_too_large",
-                                      f"request body over the route's limit of "
-                                      f"{route.max_body} bytes", request_id, route=route.name)
+                    await _too_large(sink, route, request_id)
+                    return
             else:
-                body = _stream_body(request, route.max_body, too_large)
+                body = _stream_body(body_in, route.max_body, too_large)
 
             upstream = backend.upstream()
             sent = time.perf_counter()
             try:
-                resp = await upstream.send(
-                    request.method, request.raw_path, forward, body, route.timeouts
-                )
+                resp = await upstream.send(request.method, target, out, body, route.timeouts,
+                                           length)
             except ValueError:
-                # Header bytes the upstream client cannot write (invalid UTF-8 through
-                # aiohttp's client, CR/LF): the client's request is at fault.
+                # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
+                # through aiohttp's client): the client's request is at fault.
                 status = 400
-                return json_error(400, "bad_header", "a request header cannot be forwarded",
-                                  request_id, route=route.name)
+                await _error(sink, 400, "bad_header", "a request header cannot be forwarded",
+                             request_id, route=route.name)
+                return
             except (UpstreamError, BodyTooLarge) as exc:
                 # An upstream may let our own body iterator's BodyTooLarge through untranslated.
                 if too_large or not isinstance(exc, UpstreamError):
                     status = 413
-                    return json_error(413, "body_too_large",
-                                      f"request body over the route's limit of "
-                                      f"{route.max_body} bytes", request_id, route=route.name)
+                    await _too_large(sink, route, request_id)
+                    return
                 status = exc.status
                 stats.upstream_error(exc.kind)
                 log.warning("upstream %s of route %s failed: %s", backend.name, route.name, exc)
                 code = "upstream_timeout" if status == 504 else "upstream_unavailable"
-                return json_error(status, code, f"backend {backend.name!r}: {exc.kind}",
-                                  request_id, route=route.name, backend=backend.name)
+                await _error(sink, status, code, f"backend {backend.name!r}: {exc.kind}",
+                             request_id, route=route.name, backend=backend.name)
+                return
 
             stats.upstream_time(time.perf_counter() - sent)
             status = resp.status
@@ -195,28 +328,26 @@ class Proxy:
                 exchange.backend = backend.name
                 exchange.request_id = request_id
                 exchange.method = request.method
-                exchange.target = request.raw_path
-                exchange.request_headers = forward
+                exchange.target = target
+                exchange.request_headers = out
                 exchange.request_body = body if isinstance(body, bytes) else None
                 exchange.sticky_key = key
                 exchange.status = status
                 exchange.started = started
-            out_headers = self._response_headers(resp, request_id)
-            if exchange is not None:
                 exchange.response_headers = resp.headers
-            response, failure = await self._respond(request, route, resp, out_headers, exchange)
+            failure = await self._respond(request, sink, route, resp, rid, exchange)
             if failure is not None:  # the backend broke mid-body: an error for gates/alarms
                 status = failure.status
                 stats.upstream_error(failure.kind)
                 if exchange is not None:
                     exchange.status = status
-            return response
         finally:
+            # The client has its answer (or is gone): only now the bookkeeping and the taps.
             latency = time.perf_counter() - started
             if status:
                 stats.observe(status, latency)
             self.in_flight -= 1
-            rec.in_flight[route.name] -= 1
+            rec_in_flight[route.name] -= 1
             if exchange is not None:
                 exchange.latency = latency
                 for tap in route.taps:
@@ -229,106 +360,78 @@ class Proxy:
                     "request", extra={"request_id": request_id, "route": route.name,
                                       "backend": backend.name, "status": status,
                                       "latency_ms": round(latency * 1000, 3),
-                                      "method": request.method, "path": request.path},
+                                      "method": request.method, "path": path},
                 )
 
-    def _forward_headers(self, request: web.BaseRequest, request_id: str) -> Headers:
-        raw = request.headers
-        drop = HOP_BY_HOP
-        connection = raw.get("connection")
-        if connection and (extra := connection_tokens(connection)):
-            drop = drop | extra
-        out: Headers = []
-        forwarded_for = None
-        has_proto = has_host = has_id = False
-        for name, value in raw.items():
-            lower = name.lower()
-            if lower in drop or lower in _NOT_FORWARDED:
-                continue
-            if lower == "x-forwarded-for":  # several lines are one list: keep them all
-                forwarded_for = f"{forwarded_for}, {value}" if forwarded_for else value
-                continue
-            if lower == "x-forwarded-proto":
-                has_proto = True
-            elif lower == "x-forwarded-host":
-                has_host = True
-            elif lower == "x-request-id":
-                has_id = True
-                value = request_id  # the one the client gets back (an empty one was replaced)
-            out.append((name, value))
-        peer = request.remote or "unknown"
-        out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
-        if not has_proto:
-            out.append(("X-Forwarded-Proto", request.scheme))
-        if not has_host and request.host:
-            out.append(("X-Forwarded-Host", request.host))
-        if not has_id:
-            out.append((REQUEST_ID, request_id))
-        return out
-
     @staticmethod
-    def _response_headers(resp: UpstreamResponse, request_id: str) -> CIMultiDict[str]:
-        out: CIMultiDict[str] = CIMultiDict()
-        has_id = False
-        named: frozenset[str] = frozenset()
+    def _response_headers(resp: UpstreamResponse, rid: bytes) -> tuple[Headers, bool]:
+        """The backend's headers minus hop-by-hop ones, plus our X-Request-ID; and whether
+        they hold a framing header (Content-Length or Transfer-Encoding)."""
+        out: Headers = []
+        has_id = framed = False
+        named: frozenset[bytes] = frozenset()
         for name, value in resp.headers:
             lower = name.lower()
             if lower in _DROP_RESPONSE:
-                if lower == "connection":
+                if lower == b"connection":
                     named |= connection_tokens(value)
                 continue
-            if lower == "x-request-id":
+            if lower == b"x-request-id":
                 has_id = True
-            out.add(name, value)
-        for lower in named:  # rare: headers the backend's Connection header made hop-by-hop
-            if lower == "x-request-id" and lower in out:
-                has_id = False
-            out.popall(lower, None)
+            elif lower == b"content-length" or lower == b"transfer-encoding":
+                framed = True
+            out.append((name, value))
+        if named:  # rare: headers the backend's Connection header made hop-by-hop
+            out = [(n, v) for n, v in out if n.lower() not in named]
+            has_id = any(n.lower() == b"x-request-id" for n, _ in out)
         if not has_id:
-            out[REQUEST_ID] = request_id
-        return out
+            out.append((REQUEST_ID, rid))
+        return out, framed
 
     async def _respond(
         self,
-        request: web.BaseRequest,
+        request: ProxyRequest,
+        sink: ResponseSink,
         route: CompiledRoute,
         resp: UpstreamResponse,
-        headers: CIMultiDict[str],
+        rid: bytes,
         exchange: Exchange | None,
-    ) -> tuple[web.StreamResponse, UpstreamError | None]:
-        """The client's response, and the backend's failure if its body broke off."""
+    ) -> UpstreamError | None:
+        """Write the client's response; the backend's failure if its body broke off."""
+        headers, framed = self._response_headers(resp, rid)
         if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
-            resp.close() if request.method == "HEAD" else await resp.read()
-            if resp.content_length is not None and request.method == "HEAD":
-                headers["Content-Length"] = str(resp.content_length)
-            # The Content-Length header set above is kept (aiohttp refuses the attribute).
-            return web.Response(status=resp.status, reason=resp.reason, headers=headers), None
+            if request.method == "HEAD":
+                resp.close()
+            else:
+                await resp.read()
+            await sink.send_head(resp.status, resp.reason, headers)
+            return None
         length = resp.content_length
-        streaming = length is None or length > BUFFER_RESPONSE_UP_TO
-        if not streaming:
+        if length is not None and length <= BUFFER_RESPONSE_UP_TO:
             try:
                 body = await resp.read()
             except UpstreamError as exc:
                 code = "upstream_timeout" if exc.status == 504 else "upstream_unavailable"
-                return json_error(exc.status, code,
-                                  f"backend failed while sending its body: {exc.kind}",
-                                  headers.get(REQUEST_ID), route=route.name), exc
+                await _error(sink, exc.status, code,
+                             f"backend failed while sending its body: {exc.kind}",
+                             rid.decode(), route=route.name)
+                return exc
             if exchange is not None:
                 exchange.response_body = body
-            return web.Response(status=resp.status, reason=resp.reason, body=body,
-                                headers=headers), None
+            await sink.send(resp.status, resp.reason, headers, body)
+            return None
 
-        response = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-        if length is not None:
-            response.content_length = length
+        chunked = length is None
+        if not framed:  # close-delimited from the backend: chunked to the client
+            headers.append((b"Transfer-Encoding", b"chunked"))
         capture: list[bytes] | None = (
             [] if exchange is not None and route.needs_response_body else None
         )
         captured = 0
-        await response.prepare(request)
         try:
+            await sink.start(resp.status, resp.reason, headers, chunked)
             async for chunk in resp.iter_chunks():
-                await response.write(chunk)
+                await sink.write(chunk)
                 if capture is not None:
                     captured += len(chunk)
                     if captured <= route.max_body:
@@ -339,43 +442,76 @@ class Proxy:
             # Headers are out: the only honest signal left is to cut the connection.
             log.warning("stream from %s broke mid-body: %s", route.name, exc)
             resp.close()
-            if request.transport is not None:
-                request.transport.close()
-            return response, exc
-        except (ConnectionResetError, ConnectionError):
-            resp.close()  # the client went away; drop the backend connection too
+            sink.abort()
+            return exc
+        except BaseException:
+            resp.close()  # the client went away (or we were cancelled): drop the backend too
             raise
-        await response.write_eof()
+        await sink.end()
         if capture is not None and exchange is not None:
             exchange.response_body = b"".join(capture)
-        return response, None
+        return None
+
+
+async def _error(sink: ResponseSink, status: int, code: str, message: str,
+                 request_id: str | None, **extra: object) -> None:
+    headers, body = error_body(status, code, message, request_id, **extra)
+    headers.append((b"Content-Length", b"%d" % len(body)))
+    await sink.send(status, _REASONS.get(status, ""), headers, body)
+
+
+async def _too_large(sink: ResponseSink, route: CompiledRoute, request_id: str) -> None:
+    await _error(sink, 413, "body_too_large",
+                 f"request body over the route's limit of {route.max_body} bytes",
+                 request_id, route=route.name)
+
+
+_REASONS = {400: "Bad Request", 404: "Not Found", 413: "Request Entity Too Large",
+            500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+            504: "Gateway Timeout"}
+
+
+def _sticky_key(route: CompiledRoute, headers: Headers, target: str, query_at: int) -> str | None:
+    sticky = route.sticky
+    assert sticky is not None
+    if sticky.source == "header":
+        raw = header_value(headers, route.sticky_name)
+        return _text(raw) if raw else None
+    if sticky.source == "query":
+        if query_at < 0:
+            return None
+        for name, value in parse_qsl(target[query_at + 1:], keep_blank_values=True):
+            if name == sticky.name:
+                return value or None
+        return None
+    raw = header_value(headers, b"cookie")
+    return cookie_value(_text(raw), sticky.name) if raw else None
 
 
 def _has_dot_segment(path: str) -> bool:
     return any(segment in (".", "..") for segment in path.split("/"))
 
 
-async def _read_body(request: web.BaseRequest, limit: int) -> bytes:
-    content = request.content
-    length = request.content_length
-    if length is not None:
-        return await content.read()  # the HTTP parser enforces Content-Length
-    parts: list[bytes] = []
-    size = 0
-    while chunk := await content.read(READ_CHUNK):
+async def _read_body(body: RequestBody, limit: int) -> bytes:
+    first = await body.chunk()
+    if not first:
+        return b""
+    parts = [first]
+    size = len(first)
+    if size > limit:
+        raise BodyTooLarge
+    while chunk := await body.chunk():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         parts.append(chunk)
-    return b"".join(parts)
+    return first if len(parts) == 1 else b"".join(parts)
 
 
-async def _stream_body(
-    request: web.BaseRequest, limit: int, too_large: list[bool]
-) -> AsyncIterator[bytes]:
+async def _stream_body(body: RequestBody, limit: int, too_large: list[bool]
+                       ) -> AsyncIterator[bytes]:
     size = 0
-    content = request.content
-    while chunk := await content.read(READ_CHUNK):
+    while chunk := await body.chunk():
         size += len(chunk)
         if size > limit:
             too_large.append(True)

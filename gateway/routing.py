@@ -2,7 +2,7 @@
 
 `RoutingTable` is built from the config (static: prefixes, backends, pools, metric objects)
 and the routes' `RouteState` (dynamic: live, canary weight, shadow). Readers never lock: the
-proxy reads `gateway.table` once per request and keeps that snapshot to the end, so a request
+proxy reads `proxy.table` once per request and keeps that snapshot to the end, so a request
 in flight finishes on the backend it started on while the next one sees the new table.
 """
 
@@ -113,8 +113,8 @@ class CompiledRoute:
 
     __slots__ = (
         "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
-        "sticky", "override_header", "timeouts", "max_body", "taps", "needs_request_body",
-        "needs_response_body",
+        "sticky", "sticky_name", "override_header", "override_name", "timeouts", "max_body",
+        "taps", "needs_request_body", "needs_response_body",
     )
 
     def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
@@ -129,6 +129,10 @@ class CompiledRoute:
         self.canary_threshold = threshold(state.canary_weight) if self.canary else 0
         self.sticky = cfg.sticky
         self.override_header = cfg.override_header
+        # Header names as the proxy compares them (lower-case bytes), once per route state.
+        self.sticky_name = cfg.sticky.name.lower().encode("latin-1") if cfg.sticky else b""
+        self.override_name = (cfg.override_header.lower().encode("latin-1")
+                              if cfg.override_header else None)
         self.timeouts: Timeouts = cfg.timeouts
         self.max_body = cfg.max_body_bytes
         self.taps = taps

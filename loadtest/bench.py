@@ -71,7 +71,15 @@ BACKEND_BODY = (
     '"outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["setosa"]}]}'
 )
 USERS = 1000  # distinct x-user-id values, so the sticky split hashes real keys
-TARGETS = ("direct", "nginx", "modelgate", "modelgate-fast")
+# modelgate targets: (proxy server, upstream client). `modelgate` is the default build.
+MODELGATE = {
+    "modelgate": ("fast", "fast"),
+    "modelgate-fast": ("fast", "fast"),
+    "modelgate-aiohttp-server": ("aiohttp", "fast"),
+    "modelgate-aiohttp": ("aiohttp", "aiohttp"),
+}
+TARGETS = ("direct", "nginx", *MODELGATE)
+DEFAULT_TARGETS = ("direct", "nginx", "modelgate", "modelgate-aiohttp-server")
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 PROXY_CPU = "0"  # the proxy under test
 LOAD_CPU = "1"  # backend, load generator, wrk
@@ -672,12 +680,14 @@ def find_nginx() -> str | None:
     return None
 
 
-def gateway_config(port: int, admin_port: int, backend_port: int) -> str:
+def gateway_config(port: int, admin_port: int, backend_port: int,
+                   server: str = "fast") -> str:
     """One route `/` → the backend, sticky on x-user-id, a 10% canary to a second backend
     name on the same URL: the hash, split and per-backend metrics all run per request."""
     backend = f"http://127.0.0.1:{backend_port}"
     return (
         f"listen: 127.0.0.1:{port}\n"
+        f"server: {server}\n"
         f"admin:\n  listen: 127.0.0.1:{admin_port}\n"
         "routes:\n"
         "  - name: bench\n"
@@ -692,10 +702,10 @@ def gateway_config(port: int, admin_port: int, backend_port: int) -> str:
 
 
 def start_modelgate(procs: Processes, name: str, upstream: str,
-                    backend_port: int) -> tuple[Proc, int]:
+                    backend_port: int, server: str = "fast") -> tuple[Proc, int]:
     port, admin_port = free_port(), free_port()
     config = procs.workdir / f"{name}.yaml"
-    config.write_text(gateway_config(port, admin_port, backend_port))
+    config.write_text(gateway_config(port, admin_port, backend_port, server))
     argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config), "--upstream", upstream]
     env = {**os.environ, "MODELGATE_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
     proc = procs.start(name, argv, PROXY_CPU, env)
@@ -964,8 +974,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                              BACKEND_PORT=str(backend_port))
                     running.append(Target(name, port, proc))
                 else:
-                    upstream = "fast" if name == "modelgate-fast" else "aiohttp"
-                    proc, port = start_modelgate(procs, name, upstream, backend_port)
+                    server, upstream = MODELGATE[name]
+                    proc, port = start_modelgate(procs, name, upstream, backend_port, server)
                     running.append(Target(name, port, proc))
             script = workdir / "post.lua"
             script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "users": USERS})
@@ -1014,8 +1024,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each "
                    "open-loop run (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--targets", default=",".join(TARGETS),
-                   help=f"comma-separated, from {','.join(TARGETS)} (default all)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   help=f"comma-separated, from {','.join(TARGETS)} "
+                   f"(default {','.join(DEFAULT_TARGETS)})")
     p.add_argument("--connections", type=int, default=256,
                    help="open-loop connection cap (default 256)")
     p.add_argument("--closed-seconds", type=float, default=5.0,

@@ -116,11 +116,17 @@ class RunningGateway:
         return f"http://127.0.0.1:{self.gateway.admin_address[1]}"
 
 
+# The proxy port's server for gateways started here; a suite runs over both by overriding
+# it (tests/test_proxy.py's autouse `server` fixture).
+DEFAULT_SERVER: str | None = None
+
+
 @asynccontextmanager
 async def running_gateway(
     config: dict[str, Any], *, upstream_kind: str = "fast",
     components: list[ComponentFactory] | None = None, **kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
+    kwargs.setdefault("server_kind", DEFAULT_SERVER)
     gateway = Gateway(parse_config(config), admin_token={"admin": TOKEN},
                       upstream_kind=upstream_kind, components=components, **kwargs)
     await gateway.start()

@@ -20,6 +20,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests import helpers
 from tests.helpers import (
     INFER,
     ModelServer,
@@ -130,6 +131,14 @@ class Echo:
 def kind(request: pytest.FixtureRequest) -> str:
     """Every proxy test runs over each `Upstream` implementation."""
     value: str = request.param
+    return value
+
+
+@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
+def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """... and over each proxy server (gateway/server/)."""
+    value: str = request.param.removesuffix("-server")
+    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
     return value
 
 

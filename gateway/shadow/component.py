@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelgate.shadow")
 
 SHADOW_HEADER = "X-Modelgate-Shadow"
-_SKIP_HEADERS = frozenset({SHADOW_HEADER.lower(), "expect"})
+_SKIP_HEADERS = frozenset({SHADOW_HEADER.lower().encode(), b"expect"})
 DROP_WARNING_EVERY = 60.0
 # A shadow refusing connections is skipped for a while instead of being dialled per copy:
 # a failed connect costs about as much CPU as proxying a request.
@@ -251,7 +251,7 @@ class Shadowing:
             return
         headers: Headers = [(k, v) for k, v in ex.request_headers
                             if k.lower() not in _SKIP_HEADERS]
-        headers.append((SHADOW_HEADER, "1"))
+        headers.append((SHADOW_HEADER.encode(), b"1"))
         status: int | None = None
         body: bytes | None = None
         shadow_headers: Headers = []
@@ -521,8 +521,8 @@ class Shadowing:
 
 def _content_type(headers: Headers) -> str | None:
     for name, value in headers:
-        if len(name) == 12 and name.lower() == "content-type":
-            return value
+        if len(name) == 12 and name.lower() == b"content-type":
+            return value.decode("latin-1")
     return None
 
 

@@ -5,7 +5,13 @@ implementation must pass tests/test_upstream_contract.py. Errors before the resp
 raised as `UpstreamConnectError`, `UpstreamResetError` or `UpstreamTimeout`; errors while
 streaming the body surface from `iter_chunks()`/`read()` as `UpstreamError`.
 
-Headers are lists of (name, value) str pairs, in order, names as received.
+Headers are lists of (name, value) byte pairs, in order, names spelled as received: the
+proxy passes them from socket to socket without decoding (a feature that needs a value
+decodes that one).
+
+A streamed body (an async iterable) whose length is known is sent with that Content-Length
+(`send(..., length=n)`), never re-framed as chunked: some model servers refuse chunked
+uploads. Only a body of unknown length goes out chunked.
 """
 
 from __future__ import annotations
@@ -15,13 +21,13 @@ from typing import Protocol
 
 from gateway.config import Timeouts
 
-Headers = list[tuple[str, str]]
+Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterable[bytes] | None
 
 # RFC 9110 §7.6.1 hop-by-hop headers, plus the de-facto ones proxies also drop.
 HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection",
-    "te", "trailer", "transfer-encoding", "upgrade",
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
+    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
 
 
@@ -51,9 +57,11 @@ class Upstream(Protocol):
         headers: Headers,
         body: Body,
         timeouts: Timeouts,
+        length: int | None = None,
     ) -> UpstreamResponse:
         """Send a request (`target` is path + query) and return once the status line and
-        headers are in."""
+        headers are in. `length`: the size of a streamed `body` when known (Content-Length
+        framing; the stream must yield exactly that many bytes), None for chunked."""
 
     async def close(self) -> None: ...
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
 
 import aiohttp
-from aiohttp import hdrs
+from aiohttp import hdrs, payload
 from aiohttp.typedefs import LooseHeaders
 from multidict import CIMultiDict
 from yarl import URL
@@ -35,6 +36,20 @@ class _ForwardRequest(aiohttp.ClientRequest):
         self._skip_auto_headers = _SKIP_PAYLOAD_HEADERS
 
 
+class _SizedStream(payload.AsyncIterablePayload):
+    """A streamed body of known length: aiohttp then sends Content-Length, not chunked."""
+
+    def __init__(self, value: AsyncIterable[bytes], length: int) -> None:
+        super().__init__(value)
+        self._size = length
+
+
+def _text(value: bytes) -> str:
+    # aiohttp writes header text as UTF-8: surrogates keep the client's exact bytes (invalid
+    # UTF-8 cannot be written and surfaces as ValueError, a 400).
+    return value.decode("utf-8", "surrogateescape")
+
+
 class AiohttpResponse:
     __slots__ = ("_resp", "status", "reason", "headers", "content_length")
 
@@ -42,9 +57,7 @@ class AiohttpResponse:
         self._resp = resp
         self.status = resp.status
         self.reason = resp.reason or ""
-        # UTF-8 like the server side that writes them back out (see fastpool.py).
-        self.headers = [(k.decode("latin-1"), v.decode("utf-8", "replace"))
-                        for k, v in resp.raw_headers]
+        self.headers = list(resp.raw_headers)
         self.content_length = resp.content_length
 
     async def read(self) -> bytes:
@@ -96,7 +109,8 @@ class AiohttpUpstream:
         return self._session
 
     async def send(
-        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts
+        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts,
+        length: int | None = None,
     ) -> AiohttpResponse:
         timeout = self._timeouts.get(timeouts)
         if timeout is None:
@@ -104,15 +118,20 @@ class AiohttpUpstream:
                 total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
             )
             self._timeouts[timeouts] = timeout
+        data: Any = body
+        if isinstance(body, bytes):
+            # aiohttp warns (ResourceWarning) on in-memory bodies over 1 MiB: a file-like
+            # object sends the same bytes without the copy it worries about.
+            if len(body) > LARGE_BODY:
+                data = io.BytesIO(body)
+        elif body is not None and length is not None:
+            data = _SizedStream(body, length)
         try:
             resp = await self._get_session().request(
                 method,
                 URL(self.origin + target, encoded=True),
-                headers=headers,
-                # aiohttp warns (ResourceWarning) on in-memory bodies over 1 MiB: a file-like
-                # object sends the same bytes without the copy it worries about.
-                data=io.BytesIO(body) if isinstance(body, bytes) and len(body) > LARGE_BODY
-                else body,
+                headers=[(_text(k), _text(v)) for k, v in headers],
+                data=data,
                 timeout=timeout,
                 allow_redirects=False,
                 compress=None,

@@ -4,7 +4,8 @@ Why it exists: aiohttp's client costs ~100 µs per proxied request; a pool of ra
 `asyncio.Protocol` connections parsing responses with httptools costs about half
 (/work/shared/PERF-NOTES.md). It speaks only what a reverse proxy needs: one request at a time
 per connection (no pipelining), Content-Length / chunked / close-delimited response bodies, and
-Content-Length or chunked request bodies.
+Content-Length or chunked request bodies (a streamed body of known length keeps its
+Content-Length). Header names and values stay bytes both ways.
 
 How it is put together:
 
@@ -52,7 +53,7 @@ READ_HIGH = 1 << 20  # stop reading the socket when this much body waits for the
 COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as the head
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-_FRAMING = frozenset({"content-length", "transfer-encoding"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _SPECIAL_LENGTHS = frozenset({4, 14, 17})  # len("host"), len("content-length"), ...
 
 # _Conn.state
@@ -291,9 +292,7 @@ class _Conn(asyncio.Protocol):
                 # Chunked framing only if chunked is the final coding; otherwise the body is
                 # close-delimited (RFC 9112 §6.3).
                 self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-        # UTF-8 like aiohttp's server side, which writes them back out as UTF-8; bytes that
-        # are not UTF-8 become U+FFFD rather than mojibake.
-        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "replace")))
+        self._headers.append((name, value))  # bytes as received: the proxy writes them back
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -310,7 +309,7 @@ class _Conn(asyncio.Protocol):
         self._head_waiter = None
         self._keep_alive = self.parser.should_keep_alive()
         length = None if self._chunked else self._content_length
-        reason = self._reason.decode("utf-8", "replace")
+        reason = self._reason.decode("latin-1")  # exact: the server encodes it back
         resp = FastResponse(self, status, reason, self._headers, length)
         self.resp = resp
         if self._head_only:
@@ -342,7 +341,7 @@ class _Conn(asyncio.Protocol):
 
     async def request(
         self, head: bytes, payload: bytes | None, stream: AsyncIterable[bytes] | None,
-        read_timeout: float, head_only: bool,
+        read_timeout: float, head_only: bool, chunked: bool = True,
     ) -> FastResponse:
         self.got_bytes = False
         transport = self.transport
@@ -356,7 +355,7 @@ class _Conn(asyncio.Protocol):
             if stream is not None:
                 transport.write(head)
                 try:
-                    await self._write_stream(stream)
+                    await self._write_stream(stream, chunked)
                 except (UpstreamError, asyncio.CancelledError):
                     raise
                 except Exception as exc:
@@ -388,7 +387,7 @@ class _Conn(asyncio.Protocol):
                 self.fail(UpstreamResetError(f"{self.pool.origin}: request abandoned"))
             raise
 
-    async def _write_stream(self, stream: AsyncIterable[bytes]) -> None:
+    async def _write_stream(self, stream: AsyncIterable[bytes], chunked: bool) -> None:
         transport = self.transport
         assert transport is not None
         self._writing = True
@@ -398,10 +397,13 @@ class _Conn(asyncio.Protocol):
                     break  # the waiter holds the outcome (an early response or an error)
                 if not chunk:
                     continue  # a zero-length chunk would end the body
-                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                if chunked:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+                else:
+                    transport.write(chunk)
                 if self._write_paused:
                     await self._drain()
-            if not self.closed:
+            if chunked and not self.closed:
                 transport.write(b"0\r\n\r\n")
         finally:
             self._writing = False
@@ -490,11 +492,12 @@ class _Conn(asyncio.Protocol):
 def _keep_alive(version: str, headers: Headers) -> bool:
     """Keep-alive by version and Connection header (for HEAD answers, which have no body)."""
     tokens = {
-        t.strip().lower() for n, v in headers if n.lower() == "connection" for t in v.split(",")
+        t.strip().lower() for n, v in headers if n.lower() == b"connection"
+        for t in v.split(b",")
     }
     if version == "1.0":
-        return "keep-alive" in tokens
-    return "close" not in tokens
+        return b"keep-alive" in tokens
+    return b"close" not in tokens
 
 
 class FastUpstream:
@@ -511,7 +514,8 @@ class FastUpstream:
             ssl.create_default_context() if parts.scheme == "https" else None
         )
         self._prefix = parts.path.rstrip("/")
-        self._host_line = f"Host: {parts.netloc}\r\n"
+        self._host_line = f"Host: {parts.netloc}\r\n".encode("idna")
+        self._prefix_bytes = self._prefix.encode("latin-1")
         self._idle: list[_Conn] = []  # LIFO: the end is the most recently used
         self._active: set[_Conn] = set()
         self._open: set[_Conn] = set()  # connection_made .. connection_lost
@@ -525,18 +529,20 @@ class FastUpstream:
                 f"idle={len(self._idle)}>")
 
     async def send(
-        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts
+        self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts,
+        length: int | None = None,
     ) -> FastResponse:
         payload: bytes | None = None
         stream: AsyncIterable[bytes] | None = None
         if body is None:
-            framing = "Content-Length: 0\r\n" if method in _BODY_METHODS else ""
+            framing = b"Content-Length: 0\r\n" if method in _BODY_METHODS else b""
         elif isinstance(body, (bytes, bytearray, memoryview)):
             payload = body if type(body) is bytes else bytes(body)
-            framing = f"Content-Length: {len(payload)}\r\n"
+            framing = b"Content-Length: %d\r\n" % len(payload)
         else:
             stream = body
-            framing = "Transfer-Encoding: chunked\r\n"
+            framing = (b"Transfer-Encoding: chunked\r\n" if length is None
+                       else b"Content-Length: %d\r\n" % length)
         head = self._head(method, target, headers, framing)
         head_only = method == "HEAD"
         if self._sweeper is None:
@@ -546,7 +552,8 @@ class FastUpstream:
         while True:
             conn, reused = await self._acquire(timeouts, fresh)
             try:
-                return await conn.request(head, payload, stream, timeouts.read, head_only)
+                return await conn.request(head, payload, stream, timeouts.read, head_only,
+                                          length is None)
             except UpstreamResetError:
                 # A reused connection the server had closed while idle: try once on a new one.
                 # Only when nothing came back and the body can be sent again.
@@ -576,30 +583,42 @@ class FastUpstream:
 
     # Request head
 
-    def _head(self, method: str, target: str, headers: Headers, framing: str) -> bytes:
-        lines = [f"{method} {self._prefix}{target} HTTP/1.1\r\n"]
+    def _head(self, method: str, target: str, headers: Headers, framing: bytes) -> bytes:
+        # The target is latin-1 text of the client's bytes (see gateway.proxy): exact.
+        parts = [method.encode("latin-1"), b" ", self._prefix_bytes, target.encode("latin-1"),
+                 b" HTTP/1.1\r\n"]
+        lines = 1
         has_host = False
         for name, value in headers:
             if len(name) in _SPECIAL_LENGTHS:
                 lower = name.lower()
                 if lower in _FRAMING:
-                    continue  # the framing is ours: it must match what we send
-                if lower == "host":
+                    # The framing is ours: it must match what we send. The caller's header
+                    # stays in its place when it says just that (exact message fidelity).
+                    if framing and framing.endswith(b": %s\r\n" % value) and framing.lower(
+                    ).startswith(lower):
+                        parts += (name, b": ", value, b"\r\n")
+                        lines += 1
+                        framing = b""
+                    continue
+                if lower == b"host":
                     has_host = True
-            lines.append(f"{name}: {value}\r\n")
+            parts += (name, b": ", value, b"\r\n")
+            lines += 1
         if not has_host:
-            lines.insert(1, self._host_line)
+            parts.insert(5, self._host_line)
+            lines += 1
         if framing:
-            lines.append(framing)
-        lines.append("\r\n")
-        text = "".join(lines)
+            parts.append(framing)
+            lines += 1
+        parts.append(b"\r\n")
+        lines += 1
+        head = b"".join(parts)
         # One CRLF per line and no other CR or LF: a value carrying CR/LF would split the
         # request (request smuggling). Two C-speed scans instead of a check per header.
-        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+        if head.count(b"\n") != lines or head.count(b"\r") != lines:
             raise ValueError("CR or LF inside the request line or a header")
-        # Header text reaches us as aiohttp's server decoded it (UTF-8, invalid bytes kept as
-        # surrogates): this gives the backend the client's exact bytes back.
-        return text.encode("utf-8", "surrogateescape")
+        return head
 
     # Connections and slots
 

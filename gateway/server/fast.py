@@ -1,0 +1,619 @@
+"""The fast proxy server: an asyncio Protocol per connection, httptools' request parser.
+
+Why it exists: aiohttp's server machinery was about half the gateway's CPU per request
+(/work/shared/PERF-NOTES.md). This is the server-side counterpart of the upstream pool
+(gateway/upstream/fastpool.py): bytes in, `ProxyRequest` out, headers as bytes throughout.
+
+How it is put together:
+
+- `_Connection` is one client socket and the httptools callback object. Parsed requests go
+  on a short queue; one task per connection at a time runs them through `Proxy.handle` in
+  order (pipelining is answered in order) and exits when the queue is empty, so an idle
+  keep-alive connection owns no task. The connection is also the `ResponseSink` of the
+  request being answered: writes go straight to the transport, so a buffered answer is on
+  the wire before the proxy runs its taps.
+- Limits are checked in the parser callbacks: request target (414), header count and bytes
+  (431); the route's body limit is the proxy's (413, counted while streaming).
+- Flow control both ways. Reading: a request body waiting for its consumer (the proxy,
+  which waits for the backend to take it) beyond `BODY_HIGH`, or more than `MAX_PIPELINED`
+  queued requests, pause the socket. Writing: when the transport's buffer is full, `write()`
+  waits for `resume_writing`, so the upstream response is not read (fastpool then pauses
+  the backend's socket).
+- No timer per request: every connection keeps a `deadline` (header-read, keep-alive idle,
+  body silence, or a client not reading our answer) and one sweep task per server closes the
+  connections whose deadline has passed, every `SWEEP_INTERVAL`.
+- Graceful stop: listeners close, idle connections close, busy ones close after their
+  current answer; what remains after the timeout is aborted and its task cancelled and
+  awaited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import deque
+from collections.abc import Sequence
+from typing import cast
+
+import httptools
+import orjson
+
+from gateway.config import ServerConfig
+from gateway.proxy import ClientGone, Proxy, ProxyRequest
+from gateway.server import tls_context
+from gateway.upstream import Headers
+
+log = logging.getLogger("modelgate.server")
+
+BODY_HIGH = 256 * 1024  # pause reading when this much request body waits for the proxy
+MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
+DISCARD_MAX = 16 * 1024 * 1024  # unread request body swallowed (like nginx lingering close)
+SWEEP_INTERVAL = 0.5  # timeout resolution
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_BODY_STATUS = frozenset({204, 304})
+_CLOSE = b"Connection: close\r\n"
+_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+
+
+class _Reject(Exception):
+    """Raised in a parser callback: answer `status` and close."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_REJECT_REASON = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
+                  431: b"Request Header Fields Too Large", 505: b"HTTP Version Not Supported"}
+
+
+class _Body:
+    """The body of one request, as the client sends it (the proxy's `RequestBody`)."""
+
+    __slots__ = ("conn", "length", "expect", "chunks", "buffered", "done", "gone", "waiter")
+
+    def __init__(self, conn: _Connection, length: int | None, expect: bool) -> None:
+        self.conn = conn
+        self.length = length
+        self.expect = expect  # the client waits for 100 Continue before sending
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.done = False
+        self.gone = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def chunk(self) -> bytes:
+        chunks = self.chunks
+        conn = self.conn
+        while True:
+            if chunks:
+                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+                chunks.clear()
+                self.buffered = 0
+                if conn.reading_paused:
+                    conn.update_reading()
+                return data
+            if self.done:
+                return b""
+            if self.gone:
+                raise ClientGone("the client left while sending its body")
+            if self.expect:
+                self.expect = False
+                conn.send_continue()
+            waiter = self.waiter = conn.loop.create_future()
+            conn.deadline = conn.loop.time() + conn.config.body_timeout
+            try:
+                await waiter
+            finally:
+                self.waiter = None
+                conn.deadline = 0.0
+
+    def feed(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.buffered += len(data)
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def fail(self) -> None:
+        self.gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.waiter is not None:
+            self.conn.deadline = self.conn.loop.time() + self.conn.config.body_timeout
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parser callbacks, request queue, and the response sink."""
+
+    __slots__ = (
+        "server", "proxy", "config", "loop", "transport", "parser", "peer", "tls", "closed",
+        "deadline", "reading_paused", "queue", "task", "closing", "in_headers",
+        "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
+        "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
+        "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
+        "_msg_keep_alive",
+    )
+
+    def __init__(self, server: FastServer) -> None:
+        self.server = server
+        self.proxy = server.proxy
+        self.config = server.config
+        self.loop = server.loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = "unknown"
+        self.tls = server.tls is not None
+        self.closed = False
+        self.deadline = 0.0  # 0: not waiting on the client
+        self.reading_paused = False
+        self.queue: deque[tuple[ProxyRequest, bool]] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.closing = False  # close once the current answer is written
+        self.in_headers = False
+        self._url = b""
+        self._headers: Headers = []
+        self._header_bytes = 0
+        self._length: int | None = None
+        self._chunked = False
+        self._expect = False
+        self._body: _Body | None = None  # the body being received
+        self._upgrade = False
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._out_chunked = False
+        self._out_keep_alive = True
+        self._out_http11 = True
+        self._head_only = False
+        self._discarding = False
+        self._discarded = 0
+        self._answering: ProxyRequest | None = None
+        self._msg_keep_alive = True
+
+    # -- asyncio.Protocol --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = str(peer[0])
+        elif peer:
+            self.peer = str(peer)
+        self.server.connections.add(self)
+        self.deadline = self.loop.time() + self.config.header_timeout
+        if self.server.stopping:
+            self._close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.deadline = 0.0
+        self.server.connections.discard(self)
+        body = self._body
+        if body is not None:
+            body.fail()
+        for request, _ in self.queue:
+            if request.body is not None:
+                cast(_Body, request.body).fail()
+        self.queue.clear()
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)  # the writer sees `closed` and stops
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # We speak HTTP/1.1 only: the request was queued as a plain one (Upgrade is
+            # hop-by-hop and not forwarded); what follows it is another protocol, so read no
+            # further and close after the answer.
+            self._stop_reading()
+        except httptools.HttpParserCallbackError as exc:
+            reject = exc.__context__
+            if isinstance(reject, _Reject):
+                self._reject(reject.status, reject.code, str(reject))
+            else:
+                log.error("parser callback failed", exc_info=reject)
+                self._reject(400, "bad_request", "the request could not be parsed")
+        except httptools.HttpParserInvalidMethodError:
+            self._reject(400, "bad_request", "invalid method")
+        except httptools.HttpParserError as exc:
+            self._reject(400, "bad_request", f"malformed request: {exc}")
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed: finish what was asked (its answers still go out), then close.
+        if self.task is None and not self.queue:
+            return None  # transport closes
+        self.closing = True
+        return True
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.in_headers = True
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+        self._length = None
+        self._chunked = False
+        self._expect = False
+        self._upgrade = False
+        self.deadline = self.loop.time() + self.config.header_timeout
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > self.config.max_request_line:
+            raise _Reject(414, "uri_too_long", "request target over "
+                          f"{self.config.max_request_line} bytes")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        headers = self._headers
+        headers.append((name, value))
+        self._header_bytes += len(name) + len(value)
+        if len(headers) > self.config.max_headers:
+            raise _Reject(431, "too_many_headers",
+                          f"more than {self.config.max_headers} header lines")
+        if self._header_bytes > self.config.max_header_bytes:
+            raise _Reject(431, "headers_too_large",
+                          f"headers over {self.config.max_header_bytes} bytes")
+        n = len(name)
+        if n == 14 or n == 17 or n == 6:
+            lower = name.lower()
+            if lower == b"content-length":
+                self._length = int(value)  # llhttp checked the digits and any conflict
+            elif lower == b"transfer-encoding":
+                self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
+            elif lower == b"expect":
+                self._expect = value.lower() == b"100-continue"
+
+    def on_headers_complete(self) -> None:
+        self.in_headers = False
+        self.deadline = 0.0
+        parser = self.parser
+        http11 = parser.get_http_version() != "1.0"
+        length = self._length
+        body: _Body | None = None
+        if self._chunked or (length is not None and length > 0):
+            body = _Body(self, None if self._chunked else length, self._expect and http11)
+        elif length == 0:
+            body = _Body(self, 0, False)
+            body.done = True
+        self._body = body
+        method = parser.get_method().decode("ascii")
+        keep_alive = self._msg_keep_alive = parser.should_keep_alive() and not self.closing
+        request = ProxyRequest(method, self._url.decode("latin-1"), self._headers, body,
+                               self.peer, self.tls, http11)
+        self.queue.append((request, keep_alive))
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+        elif len(self.queue) >= MAX_PIPELINED:
+            self.update_reading()
+
+    def on_body(self, data: bytes) -> None:
+        if self._discarding:
+            self._discarded += len(data)
+            if self._discarded > DISCARD_MAX:
+                self._close()
+            return
+        body = self._body
+        if body is None:
+            return
+        body.feed(data)
+        if body.buffered > BODY_HIGH and not self.reading_paused:
+            self.update_reading()
+
+    def on_message_complete(self) -> None:
+        body = self._body
+        self._body = None
+        if self._discarding:
+            self._discarding = False
+            self._close()  # the answer is out; this was only to let the client read it
+            return
+        if body is not None:
+            body.finish()
+        if not self._msg_keep_alive:
+            self._stop_reading()  # the last request asked to close: nothing more is read
+
+    # -- the request loop --------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        proxy = self.proxy
+        queue = self.queue
+        try:
+            while queue and not self.closed:
+                request, keep_alive = queue.popleft()
+                if self.reading_paused:
+                    self.update_reading()
+                self._answering = request
+                self._out_keep_alive = keep_alive and not self.closing
+                self._out_http11 = request.http11
+                self._head_only = request.method == "HEAD"
+                self._out_chunked = False
+                try:
+                    await proxy.handle(request, self)
+                except ConnectionError:
+                    self._close(abort=True)
+                    return
+                except Exception:  # handle() answers its own failures: this is a bug
+                    log.exception("answering %s %s failed", request.method, request.target)
+                    self._close(abort=True)
+                    return
+                finally:
+                    self._answering = None
+                if not self._out_keep_alive or self.closed:
+                    self._after_last(request)
+                    return
+                body = cast(_Body | None, request.body)
+                if body is not None and not body.done:
+                    # Answered before its body was read (404, 413...): the connection can
+                    # only be reused once the rest has been read, so it closes after that.
+                    self._after_last(request)
+                    return
+            if self.closing:
+                self._close()  # half-closed by the client, or the server is stopping
+            elif not self.closed and not self.in_headers and self._body is None:
+                self.deadline = self.loop.time() + self.config.keepalive_timeout
+        finally:
+            self.task = None
+
+    def _after_last(self, request: ProxyRequest) -> None:
+        """The connection ends after this answer."""
+        self.queue.clear()
+        body = cast(_Body | None, request.body)
+        if (body is not None and not body.done and not body.gone and not body.expect
+                and not self.closed and self._body is body):
+            # The client is still sending a body we will not read. Closing now with unread
+            # bytes would reset the connection and could destroy the answer on its way:
+            # swallow the rest (bounded), then close.
+            self._discarding = True
+            self._discarded = body.buffered
+            body.chunks.clear()
+            self.deadline = self.loop.time() + self.config.body_timeout
+            if self.reading_paused:
+                self.reading_paused = False
+                if self.transport is not None:
+                    self.transport.resume_reading()
+            return
+        self._close()
+
+    # -- flow control and closing ---------------------------------------------------------
+
+    def update_reading(self) -> None:
+        """Pause or resume reading the socket: bounded buffers for bodies and pipelines."""
+        body = self._body
+        pause = (len(self.queue) >= MAX_PIPELINED
+                 or (body is not None and body.buffered > BODY_HIGH))
+        transport = self.transport
+        if transport is None or self.closed or pause == self.reading_paused:
+            return
+        self.reading_paused = pause
+        if pause:
+            transport.pause_reading()
+        else:
+            transport.resume_reading()
+
+    def _stop_reading(self) -> None:
+        self.closing = True
+        if not self.reading_paused and self.transport is not None and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def send_continue(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(_CONTINUE)
+
+    def _close(self, abort: bool = False) -> None:
+        if not self.closed:
+            self.closed = True
+            self.deadline = 0.0
+            transport = self.transport
+            if transport is not None:
+                if abort:
+                    transport.abort()
+                else:
+                    transport.close()
+
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """A request we cannot parse or accept: answer it (if nothing is being answered,
+        else just close) and close."""
+        if self.task is None and not self.queue and not self.closed and self.transport:
+            body = orjson.dumps({"error": code, "message": message})
+            self.transport.write(
+                b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (status, _REJECT_REASON.get(status, b""),
+                                                  len(body), body))
+        self._close()
+
+    def timed_out(self) -> None:
+        """The sweep found the deadline passed."""
+        if self.in_headers and self.task is None and not self.queue:
+            self._reject(408, "request_timeout", "the request head took too long")
+            return
+        body = self._body
+        if body is not None:
+            body.fail()
+        self._close(abort=self._drain_waiter is not None)
+
+    def shutdown(self) -> None:
+        """The server is stopping: close now if idle, else after the current answer."""
+        self.closing = True
+        if self.task is None and not self.queue and not self.in_headers:
+            self._close()
+
+    # -- ResponseSink (of the request being answered) -----------------------------------------
+
+    def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
+        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))]
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
+        if framing:
+            parts.append(framing)
+        answering = self._answering
+        if (not self._out_keep_alive or self.closing or answering is not None
+                and answering.body is not None and not cast(_Body, answering.body).done):
+            # Closing after this answer: say so (a body we did not read ends the connection).
+            self._out_keep_alive = False
+            parts.append(_CLOSE)
+        elif not self._out_http11:
+            parts.append(_KEEP_ALIVE)
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    async def send(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        if self.closed:
+            return
+        transport = self.transport
+        assert transport is not None
+        head = self._head(status, reason, headers, b"")
+        if self._head_only or not body or status in _NO_BODY_STATUS:
+            transport.write(head)
+        elif len(body) <= 64 * 1024:
+            transport.write(head + body)
+        else:
+            transport.writelines((head, body))
+        if self._write_paused:
+            await self._drain()
+
+    async def send_head(self, status: int, reason: str, headers: Headers) -> None:
+        if self.closed:
+            return
+        assert self.transport is not None
+        self.transport.write(self._head(status, reason, headers, b""))
+
+    async def start(self, status: int, reason: str, headers: Headers, chunked: bool) -> None:
+        if self.closed:
+            raise ClientGone("the client left before its answer")
+        assert self.transport is not None
+        if chunked:
+            if self._out_http11:
+                self._out_chunked = True
+            else:  # HTTP/1.0 knows no chunks: the body ends with the connection
+                headers = [(n, v) for n, v in headers if n.lower() != b"transfer-encoding"]
+                self._out_keep_alive = False
+        self.transport.write(self._head(status, reason, headers, b""))
+
+    async def write(self, chunk: bytes) -> None:
+        if self.closed:
+            raise ClientGone("the client left while reading its answer")
+        if not chunk:
+            return
+        transport = self.transport
+        assert transport is not None
+        if self._out_chunked:
+            transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+        else:
+            transport.write(chunk)
+        if self._write_paused:
+            await self._drain()
+
+    async def end(self) -> None:
+        if self._out_chunked and not self.closed:
+            assert self.transport is not None
+            self.transport.write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        self._close(abort=True)
+
+    async def _drain(self) -> None:
+        waiter = self._drain_waiter = self.loop.create_future()
+        # A client that stops reading our answer must not hold the connection forever.
+        self.deadline = self.loop.time() + self.config.body_timeout
+        try:
+            await waiter
+        finally:
+            self._drain_waiter = None
+            self.deadline = 0.0
+        if self.closed:
+            raise ClientGone("the client left while reading its answer")
+
+
+class FastServer:
+    """The httptools protocol server for the proxy port (see the module docstring)."""
+
+    def __init__(self, proxy: Proxy, config: ServerConfig) -> None:
+        self.proxy = proxy
+        self.config = config
+        self.tls = tls_context(config)
+        self.loop = asyncio.get_running_loop()
+        self.addresses: list[tuple[str, int]] = []
+        self.connections: set[_Connection] = set()
+        self.stopping = False
+        self._servers: list[asyncio.Server] = []
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def _protocol(self) -> _Connection:
+        return _Connection(self)
+
+    async def start(self, listen: Sequence[tuple[str, int]], sockets: Sequence[socket.socket],
+                    reuse_port: bool) -> None:
+        loop = self.loop
+        for sock in sockets:
+            server = await loop.create_server(self._protocol, sock=sock, ssl=self.tls,
+                                              backlog=1024)
+            self._servers.append(server)
+            host, port = sock.getsockname()[:2]
+            self.addresses.append((host, port))
+        for host, port in () if sockets else listen:
+            server = await loop.create_server(self._protocol, host, port, ssl=self.tls,
+                                              reuse_address=True, backlog=1024,
+                                              reuse_port=reuse_port or None)
+            self._servers.append(server)
+            bound = server.sockets[0].getsockname() if server.sockets else (host, port)
+            self.addresses.append((host, int(bound[1])))
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = self.loop.time() + timeout
+        while self.connections and self.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        tasks = []
+        for conn in list(self.connections):
+            conn._close(abort=True)
+            if conn.task is not None:
+                conn.task.cancel()
+                tasks.append(conn.task)
+        if tasks:
+            await asyncio.wait(tasks)
+        sweeper = self._sweeper
+        self._sweeper = None
+        if sweeper is not None:
+            sweeper.cancel()
+            await asyncio.wait({sweeper})  # not gather: our own cancellation must propagate
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+
+    async def _sweep(self) -> None:
+        loop = self.loop
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = loop.time()
+            expired = [c for c in self.connections if 0.0 < c.deadline <= now]
+            for conn in expired:
+                conn.timed_out()
+
+
+__all__ = ["FastServer"]
