@@ -306,6 +306,8 @@ def test_compose_stack_validates_and_wires_up() -> None:
         args = parse_serve(services[name]["command"])
         assert args.command == "model-server" and args.host == "0.0.0.0"
         model_ports[name] = args.port
+        health = urlsplit(services[name]["environment"]["MODELGATE_HEALTH_URL"])
+        assert health.port == args.port and health.path == "/v2/health/ready"
     targets = set()
     for name, service in gateways.items():
         served = parse_serve(service["command"])

@@ -212,8 +212,15 @@ async def run_checks(proc: subprocess.Popen[bytes], proxy: httpx.AsyncClient,
                                json={"backend": "green", "sample": 100})
     assert response.status_code == 200, response.text
     await send(proxy, 60, start=1000)
-    response = await admin.post("/admin/routes/classifier/drift/baseline", json={})
-    assert response.status_code < 300, response.text
+
+    async def baseline_taken() -> bool:
+        # Decisions read the cluster's sums, published to Redis after each completed second:
+        # until then there is "no probed traffic" to take a baseline of (409).
+        response = await admin.post("/admin/routes/classifier/drift/baseline", json={})
+        assert response.status_code in (200, 201, 409), response.text
+        return response.status_code != 409
+
+    await wait_for(baseline_taken, timeout=30, interval=0.2, message="a drift baseline")
     response = await admin.post("/admin/routes/classifier/rollout", json={})
     assert response.status_code == 201, response.text
 
