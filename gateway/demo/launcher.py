@@ -40,7 +40,7 @@ from gateway.admin.auth import TOKEN_ENV
 from gateway.config import GatewayConfig, load_config
 from gateway.demo.model_server import start_model_server
 from gateway.errors import AdminError, ConfigError
-from gateway.logs import setup_logging
+from gateway.logs import add_log_arguments, setup_logging
 from gateway.serve import (
     AdminToken,
     StopSignals,
@@ -80,8 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also mirror all traffic to green (shadow mode) from the start")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="gateway config (default: configs/demo.yaml)")
-    from gateway.cli.core import add_log_arguments
-
     add_log_arguments(parser, default_format="text")
 
 
