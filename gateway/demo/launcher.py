@@ -43,12 +43,12 @@ from gateway.errors import AdminError, ConfigError
 from gateway.logs import add_log_arguments, setup_logging
 from gateway.serve import (
     AdminToken,
-    StopSignals,
     describe_addresses,
     env_tokens,
     run_async,
     stop_gracefully,
 )
+from gateway.signals import StopSignals
 
 DEFAULT_PORT = 8000
 DEFAULT_ADMIN_PORT = 8001
