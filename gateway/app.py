@@ -16,61 +16,52 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway import __version__
+from gateway.admin.app import build_admin_app
 from gateway.cluster.lease import Lease
 from gateway.cluster.members import Membership
 from gateway.cluster.metrics import MetricsSource, metrics_source
-from gateway.config import GatewayConfig, RouteConfig
+from gateway.component import Component, ComponentFactory, Hooks
+from gateway.config import GatewayConfig
 from gateway.control import ControlPlane
 from gateway.metrics import Recorder
+from gateway.monitoring.component import Monitoring
 from gateway.proxy import Proxy
+from gateway.rollout.component import Rollouts
 from gateway.routing import (
     Backend,
     CompiledRoute,
     RoutingTable,
     StaticRoute,
-    Tap,
 )
 from gateway.server import ProxyServer, make_server
+from gateway.shadow.component import Shadowing
 from gateway.state import RouteState
 from gateway.store import Store, open_store
-from gateway.upstream import Upstream, make_upstream
+from gateway.upstream import Upstream, UpstreamFactory, make_upstream
 
 log = logging.getLogger("modelgate")
 
 
-class Component(Protocol):
-    """A feature living beside the proxy (shadow, rollout, monitoring).
-
-    `tap()` is asked for each route whenever its routing state changes; a component that
-    does not look at that route's traffic returns None, so the route pays nothing for it.
-    """
-
-    name: str
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    def tap(self, route: RouteConfig, state: RouteState) -> Tap | None: ...
-
-    def add_admin_routes(self, app: web.Application) -> None: ...
-
-
-ComponentFactory = Callable[["Gateway"], Component]
-
-
 def default_components() -> list[ComponentFactory]:
-    from gateway.monitoring.component import Monitoring
-    from gateway.rollout.component import Rollouts
-    from gateway.shadow.component import Shadowing
-
     return [Monitoring, Shadowing, Rollouts]
+
+
+C = TypeVar("C")
+
+
+def _one(components: list[Component], kind: type[C]) -> C | None:
+    """The component of class `kind` among `components`, if one runs (typed, for the admin
+    API: the components themselves meet through `Hooks`, never through each other)."""
+    for comp in components:
+        if isinstance(comp, kind):
+            return comp
+    return None
 
 
 class Gateway:
@@ -79,7 +70,7 @@ class Gateway:
         config: GatewayConfig,
         *,
         store: Store | None = None,
-        upstream_kind: str = "fast",
+        upstream_kind: str | UpstreamFactory = "fast",
         admin_token: dict[str, str] | None = None,
         components: list[ComponentFactory] | None = None,
         clock: Callable[[], float] = time.time,
@@ -114,8 +105,14 @@ class Gateway:
         self.proxy = Proxy(self.recorder, config.access_log_sample)
         self.server_kind = server_kind or config.server.kind
         self._proxy_server: ProxyServer | None = None
+        # Components offer and find each other's services here, never by name.
+        self.hooks = Hooks()
         factories = default_components() if components is None else components
         self.components: list[Component] = [factory(self) for factory in factories]
+        # Typed handles for the admin API (None: that feature does not run here).
+        self.rollouts: Rollouts | None = _one(self.components, Rollouts)
+        self.shadowing: Shadowing | None = _one(self.components, Shadowing)
+        self.monitoring: Monitoring | None = _one(self.components, Monitoring)
         self.ready = False
         self.draining = False
         self.started_at = 0.0
@@ -132,17 +129,12 @@ class Gateway:
         self.proxy.table = table
 
     def component(self, name: str) -> Any:
-        found = self.find_component(name)
-        if found is None:
-            raise KeyError(name)
-        return found
-
-    def find_component(self, name: str) -> Any | None:
-        """The component named `name`, or None: features work with whichever others run."""
+        """The component named `name` (tests and debugging; code uses `hooks` or the typed
+        `rollouts`/`shadowing`/`monitoring`)."""
         for comp in self.components:
             if comp.name == name:
                 return comp
-        return None
+        raise KeyError(name)
 
     # -- routing snapshot ----------------------------------------------------------------------
     def _upstream(self, origin: str) -> Upstream:
@@ -237,8 +229,6 @@ class Gateway:
             await server.start(self.config.listen, sockets, self.reuse_port)
             self.addresses.extend(server.addresses)
         if serve_admin:
-            from gateway.admin.api import build_admin_app
-
             admin_app = build_admin_app(self)
             admin_runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
             await admin_runner.setup()

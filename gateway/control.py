@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.config import GatewayConfig, RouteConfig
@@ -24,6 +24,9 @@ CAS_ATTEMPTS = 20
 
 Listener = Callable[[str, RouteState], None]
 EventListener = Callable[[Event], None]
+# (route, actor, stop): awaited before an operator's canary change (stop=False) or rollback
+# (stop=True) is written; the rollout component pauses or aborts its rollout here.
+ManualChangeListener = Callable[[str, str, bool], Awaitable[None]]
 
 
 def route_key(name: str) -> str:
@@ -38,6 +41,7 @@ class ControlPlane:
         self._states: dict[str, RouteState] = {}
         self._listeners: list[Listener] = []
         self._event_listeners: list[EventListener] = []
+        self._manual_listeners: list[ManualChangeListener] = []
         store.watch(self._on_store_change)
         store.on_reset(self._reseed)
 
@@ -105,6 +109,16 @@ class ControlPlane:
 
     def on_event(self, listener: EventListener) -> None:
         self._event_listeners.append(listener)
+
+    def before_manual_change(self, listener: ManualChangeListener) -> None:
+        """Call `listener` before an operator's canary change or rollback is written."""
+        self._manual_listeners.append(listener)
+
+    async def manual_change(self, name: str, actor: str, *, stop: bool = False) -> None:
+        """Tell the listeners an operator is about to change `name` (`stop`: a rollback).
+        The caller has validated the change (`preview`): a refused call reaches nobody."""
+        for listener in self._manual_listeners:
+            await listener(name, actor, stop)
 
     def _on_store_change(self, key: str, doc: dict[str, Any] | None, version: int) -> None:
         if key.startswith(ROUTE_KEY) and doc is not None:
@@ -283,8 +297,8 @@ def rollback_change(state: RouteState, route: RouteConfig) -> RouteState:
                         canary_weight=0.0)
 
 
-def check_backend(route: RouteConfig, backend: Any, field: str) -> None:
-    if not isinstance(backend, str) or backend not in route.backends:
+def check_backend(route: RouteConfig, backend: str, field: str) -> None:
+    if backend not in route.backends:
         known = ", ".join(sorted(route.backends))
         raise InvalidRequest(
             f"{field}: unknown backend {backend!r} (route {route.name!r} has {known})"

@@ -17,6 +17,7 @@ The access log (logger ``modelgate.access``) is written by the proxy only when t
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 import sys
@@ -108,3 +109,11 @@ def setup_logging(level: str = "info", fmt: str = "json", stream: IO[str] | None
     root.setLevel(level.upper())
     # Noisy at info and not ours: aiohttp logs every access at info unless told otherwise.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def add_log_arguments(parser: argparse.ArgumentParser, default_format: str) -> None:
+    """``--log-level`` and ``--log-format`` (``modelgate serve`` and ``modelgate demo``)."""
+    parser.add_argument("--log-level", choices=LEVELS, default="info",
+                        help="log level (default %(default)s)")
+    parser.add_argument("--log-format", choices=FORMATS, default=default_format,
+                        help="log lines as JSON objects or text (default %(default)s)")

@@ -123,10 +123,16 @@ def validate(adapter: TypeAdapter[T], data: Any, path: str = "",
     try:
         return adapter.validate_python(without_nulls(data), context=context)
     except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        extra, text = _message(error)
-        where = key_path(path, (*error["loc"], *extra))
-        raise ConfigError(where or "(top)", text) from None
+        raise config_error(exc, path) from None
+
+
+def config_error(exc: ValidationError, path: str = "") -> ConfigError:
+    """The first problem of `exc` as ``ConfigError(key path, problem)`` in our words (the
+    admin API words its request bodies and query strings with it too)."""
+    error = exc.errors(include_url=False)[0]
+    extra, text = _message(error)
+    where = key_path(path, (*error["loc"], *extra))
+    return ConfigError(where or "(top)", text)
 
 
 # -- field types ----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -25,6 +24,7 @@ from gateway.admin.auth import TOKEN_ENV, generate_token_file
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
 from gateway.logs import setup_logging
+from gateway.signals import StopSignals
 
 if TYPE_CHECKING:
     from gateway.cluster.workers import WorkerRole
@@ -75,39 +75,6 @@ def check_options(config: GatewayConfig, workers: int, upstream: str) -> str | N
         except ImportError:
             return "--upstream fast is not available in this build (gateway.upstream.fastpool)"
     return None
-
-
-class StopSignals:
-    """SIGINT and SIGTERM as awaitable events: the first asks for a graceful stop, the second
-    for a quick one. Handlers are installed on enter and removed on exit."""
-
-    def __init__(self) -> None:
-        self._received: asyncio.Queue[int] = asyncio.Queue(maxsize=8)
-        self._installed: list[int] = []
-
-    def __enter__(self) -> StopSignals:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, self._on_signal, int(sig))
-            except (NotImplementedError, RuntimeError):  # Windows / not the main thread
-                continue
-            self._installed.append(int(sig))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in self._installed:
-            loop.remove_signal_handler(sig)
-        self._installed.clear()
-
-    def _on_signal(self, sig: int) -> None:
-        with contextlib.suppress(asyncio.QueueFull):
-            self._received.put_nowait(sig)
-
-    async def wait(self) -> str:
-        """The name of the next signal received."""
-        return signal.Signals(await self._received.get()).name
 
 
 class AdminToken:

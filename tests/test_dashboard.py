@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from gateway.admin.dashboard import (
     MAX_POINTS,
@@ -245,6 +244,7 @@ class FakeShadow:
 
     def __init__(self, gateway: Gateway) -> None:
         self.asked: list[tuple[str, float]] = []
+        gateway.hooks.shadow_agreement = self.agreement  # what the real one offers
 
     async def start(self) -> None:
         return None
@@ -253,9 +253,6 @@ class FakeShadow:
         return None
 
     def tap(self, route: RouteConfig, state: RouteState) -> Tap | None:
-        return None
-
-    def add_admin_routes(self, app: web.Application) -> None:
         return None
 
     def agreement(self, route: str, seconds: float) -> tuple[int, float | None]:
@@ -270,6 +267,10 @@ ALARM = {"name": "nulls", "route": "classifier", "backend": "green", "metric": "
 
 class FakeMonitoring(FakeShadow):
     name = "monitoring"
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.asked = []
+        gateway.hooks.alarms = self.alarms_view
 
     def alarms_view(self) -> list[dict[str, Any]]:
         return [ALARM]

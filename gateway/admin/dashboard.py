@@ -24,20 +24,25 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Annotated, Any
 
 import orjson
 from aiohttp import web
+from pydantic import TypeAdapter
+from pydantic import model_validator as model_check
+from pydantic.dataclasses import dataclass as model
 
-from gateway.errors import InvalidRequest
+from gateway.admin.endpoint import Call, Endpoint
+from gateway.admin.http import read_query
+from gateway.admin.models import RouteName, whole
+from gateway.admin.views import route_view
+from gateway.component import Host
 from gateway.metrics import WINDOW_SLOTS, WindowSummary
+from gateway.schema import MODEL, problem
 from gateway.state import RouteState
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("modelgate.dashboard")
 
@@ -66,44 +71,33 @@ PAGE_HEADERS = {
 
 
 # -- parameters ------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
+@model(frozen=True, slots=True, config=MODEL)
 class Params:
-    minutes: int = 15
-    step: int = 5
-    route: str | None = None
+    """``minutes`` of history (1-15) in buckets of ``step`` seconds (1-60, at most
+    `MAX_POINTS` per series), of one ``route`` or all."""
+
+    minutes: Annotated[int, whole(1, MAX_MINUTES)] = 15
+    step: Annotated[int, whole(1, MAX_STEP)] = 5
+    route: RouteName | None = None
+
+    @model_check(mode="after")
+    def _points(self) -> Params:
+        span = self.minutes * 60
+        if self.step > span:
+            raise problem(f"must not exceed the span ({span} s)", "step")
+        if span // self.step > MAX_POINTS:
+            least = -(-span // MAX_POINTS)
+            raise problem(f"at least {least} s for {self.minutes} minutes (at most "
+                          f"{MAX_POINTS} points)", "step")
+        return self
+
+
+PARAMS = TypeAdapter(Params)
 
 
 def parse_params(query: Mapping[str, str]) -> Params:
-    """Validate ``minutes`` (1-15), ``step`` (1-60 s, at most `MAX_POINTS` per series) and
-    ``route``."""
-    unknown = sorted(set(query) - {"minutes", "step", "route"})
-    if unknown:
-        raise InvalidRequest(f"unknown parameter {unknown[0]!r} (allowed: minutes, route, step)")
-    minutes = _whole(query, "minutes", 15, 1, MAX_MINUTES)
-    step = _whole(query, "step", 5, 1, MAX_STEP)
-    if step > minutes * 60:
-        raise InvalidRequest(f"step: must not exceed the span ({minutes * 60} s)")
-    if minutes * 60 // step > MAX_POINTS:
-        least = -(-minutes * 60 // MAX_POINTS)
-        raise InvalidRequest(
-            f"step: at least {least} s for {minutes} minutes (at most {MAX_POINTS} points)")
-    route = query.get("route")
-    if route is not None and not route:
-        raise InvalidRequest("route: must be a route name")
-    return Params(minutes, step, route)
-
-
-def _whole(query: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"{name}: must be a whole number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise InvalidRequest(f"{name}: must be from {low} to {high}, got {value}")
-    return value
+    """The dashboard's query string as `Params`; `InvalidRequest` naming the parameter."""
+    return read_query(query, PARAMS)
 
 
 # -- per-backend series (pure) ---------------------------------------------------------------
@@ -211,24 +205,10 @@ def state_series(samples: Sequence[StateSample], times: Sequence[float], step: i
             "shadow_pairs": pairs, "shadow_agreement": agreement}
 
 
-def _agreement_fn(gateway: Gateway) -> Callable[[str, float], Any] | None:
-    found: Callable[[str, float], Any] | None = getattr(
-        gateway.find_component("shadow"), "agreement", None)
-    return found
-
-
-def _alarms(gateway: Gateway) -> list[dict[str, Any]] | None:
-    """The monitoring component's alarm rules with their state; None when it has none."""
-    view = getattr(gateway.find_component("monitoring"), "alarms_view", None)
-    if view is None:
-        return None
-    return list(view())
-
-
 class StateSampler:
     """A bounded ring of `StateSample`s per route, one every `interval` seconds."""
 
-    def __init__(self, gateway: Gateway, interval: float = SAMPLE_SECONDS,
+    def __init__(self, gateway: Host, interval: float = SAMPLE_SECONDS,
                  history: float = HISTORY_SECONDS) -> None:
         self.gateway = gateway
         self.interval = interval
@@ -241,7 +221,7 @@ class StateSampler:
 
     def sample(self) -> None:
         now = self.gateway.clock()
-        agreement = _agreement_fn(self.gateway)
+        agreement = self.gateway.hooks.shadow_agreement
         for name, ring in self.rings.items():
             pairs, rate = 0, None
             if agreement is not None:
@@ -279,7 +259,7 @@ SAMPLER_KEY: web.AppKey[StateSampler] = web.AppKey("dashboard_sampler")
 class DashboardData:
     """Builds ``GET /admin/dashboard/data`` documents, caching the last one briefly."""
 
-    def __init__(self, gateway: Gateway, sampler: StateSampler) -> None:
+    def __init__(self, gateway: Host, sampler: StateSampler) -> None:
         self.gateway = gateway
         self.sampler = sampler
         self._cached: tuple[Params, float, bytes] | None = None
@@ -294,8 +274,6 @@ class DashboardData:
         return body
 
     async def build(self, params: Params) -> dict[str, Any]:
-        from gateway.admin.api import route_view
-
         gateway = self.gateway
         if params.route is not None:
             gateway.control.route_config(params.route)  # NotFound → 404
@@ -339,16 +317,16 @@ class DashboardData:
             "step": params.step,
             "summary_seconds": recent,
             "routes": routes,
-            "shadow_available": _agreement_fn(gateway) is not None,
-            "alarms": _alarms(gateway),
+            "shadow_available": gateway.hooks.shadow_agreement is not None,
+            "alarms": None if gateway.hooks.alarms is None else list(gateway.hooks.alarms()),
             "events": [e.to_json() for e in events],
         }
 
 
 # -- wiring ----------------------------------------------------------------------------------
-def add_dashboard_routes(app: web.Application, gateway: Gateway) -> None:
-    """``GET /dashboard`` (the page, no token), its static files, and the token-guarded
-    ``GET /admin/dashboard/data``; the state sampler lives as long as the admin app."""
+def install(app: web.Application, gateway: Host) -> list[Endpoint]:
+    """The page (``GET /dashboard``, no token) and the token-guarded data endpoint, plus the
+    static files and the state sampler, which lives as long as the admin app."""
     sampler = StateSampler(gateway)
     data = DashboardData(gateway, sampler)
     app[SAMPLER_KEY] = sampler
@@ -358,19 +336,23 @@ def add_dashboard_routes(app: web.Application, gateway: Gateway) -> None:
         yield
         await sampler.stop()
 
-    async def dashboard_data(request: web.Request) -> web.Response:
-        params = parse_params(request.query)
+    async def dashboard_data(call: Call) -> web.StreamResponse:
+        params: Params = call.query
         return web.Response(body=await data.render(params), content_type="application/json",
                             headers={"Cache-Control": "no-store"})
 
-    async def page(request: web.Request) -> web.StreamResponse:
+    async def page(call: Call) -> web.StreamResponse:
         return web.FileResponse(STATIC_DIR / "dashboard.html", headers=PAGE_HEADERS)
 
     async def redirect(request: web.Request) -> web.StreamResponse:
         raise web.HTTPFound("/dashboard")
 
     app.cleanup_ctx.append(lifetime)
-    app.router.add_get("/dashboard", page)
     app.router.add_get("/dashboard/", redirect)
     app.router.add_static("/dashboard/static/", STATIC_DIR, append_version=False)
-    app.router.add_get("/admin/dashboard/data", dashboard_data)
+    return [
+        Endpoint("GET", "/dashboard", "The live monitoring dashboard (HTML; asks for the "
+                 "token)", page, auth=False, content="text/html"),
+        Endpoint("GET", "/admin/dashboard/data", "Dashboard series, route states, alarms and "
+                 "events", dashboard_data, query=PARAMS, errors=(404, 503)),
+    ]

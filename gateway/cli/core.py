@@ -25,6 +25,7 @@ from gateway.cli.client import (
     print_json,
 )
 from gateway.errors import ConfigError
+from gateway.logs import add_log_arguments
 
 NONE = "-"
 
@@ -101,15 +102,6 @@ def register(sub: Any) -> None:
     p.add_argument("--limit", type=int, default=50, help="newest N events (default %(default)s)")
     add_client_arguments(p)
     p.set_defaults(func=events)
-
-
-def add_log_arguments(parser: argparse.ArgumentParser, default_format: str) -> None:
-    from gateway.logs import FORMATS, LEVELS
-
-    parser.add_argument("--log-level", choices=LEVELS, default="info",
-                        help="log level (default %(default)s)")
-    parser.add_argument("--log-format", choices=FORMATS, default=default_format,
-                        help="log lines as JSON objects or text (default %(default)s)")
 
 
 # -- local commands ----------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 from gateway.admin.auth import TOKEN_ENV, token_file, write_token_file
 from gateway.config import GatewayConfig
+from gateway.signals import StopSignals
 
 CRASH_LIMIT = 5
 CRASH_WINDOW = 60.0
@@ -510,8 +511,6 @@ def worker_command(config_path: str, upstream: str, log_level: str,
 async def supervise(config_path: str, config: GatewayConfig, count: int, upstream: str,
                     log_level: str, log_format: str) -> int:
     """`modelgate serve --workers N` (N > 1): the supervisor's exit code."""
-    from gateway.serve import StopSignals
-
     supervisor = Supervisor(config, count,
                             worker_command(config_path, upstream, log_level, log_format))
     with StopSignals() as signals:

@@ -40,15 +40,15 @@ from gateway.admin.auth import TOKEN_ENV
 from gateway.config import GatewayConfig, load_config
 from gateway.demo.model_server import start_model_server
 from gateway.errors import AdminError, ConfigError
-from gateway.logs import setup_logging
+from gateway.logs import add_log_arguments, setup_logging
 from gateway.serve import (
     AdminToken,
-    StopSignals,
     describe_addresses,
     env_tokens,
     run_async,
     stop_gracefully,
 )
+from gateway.signals import StopSignals
 
 DEFAULT_PORT = 8000
 DEFAULT_ADMIN_PORT = 8001
@@ -80,8 +80,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also mirror all traffic to green (shadow mode) from the start")
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="gateway config (default: configs/demo.yaml)")
-    from gateway.cli.core import add_log_arguments
-
     add_log_arguments(parser, default_format="text")
 
 

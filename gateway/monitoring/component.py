@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 
 from gateway.cluster.metrics import LocalMetrics, MetricsSource
+from gateway.component import Host
 from gateway.config import RouteConfig
 from gateway.errors import (
     Conflict,
-    InvalidRequest,
     LeaseLost,
     NotFound,
     StoreError,
@@ -49,12 +47,9 @@ from gateway.monitoring.alarms import (
 from gateway.monitoring.drift import FEATURE, LABEL, SCORE, Baseline, compare, families
 from gateway.monitoring.probes import RouteProbes, cumulative_buckets
 from gateway.routing import Tap
-from gateway.schema import format_duration, parse_duration
+from gateway.schema import format_duration
 from gateway.state import RouteState
 from gateway.tasks import cancel_and_wait
-
-if TYPE_CHECKING:
-    from gateway.app import Gateway
 
 log = logging.getLogger("modelgate.monitoring")
 ALARM_KEY = "alarm/"
@@ -63,7 +58,6 @@ BASELINE_KEY = "baseline/"
 _STATUS_FIELDS = ("state", "since", "value", "backend", "samples", "last_value", "last_backend")
 CAS_ATTEMPTS = 20
 LAG_HISTORY = 120  # samples kept for the recent maximum (a minute at the default interval)
-MAX_WINDOW = 900.0
 
 
 class _Windows:
@@ -92,7 +86,7 @@ class _Windows:
 class Monitoring:
     name = "monitoring"
 
-    def __init__(self, gateway: Gateway, *, interval: float = 1.0,
+    def __init__(self, gateway: Host, *, interval: float = 1.0,
                  lag_interval: float = 0.5) -> None:
         self.gateway = gateway
         self.recorder = gateway.recorder
@@ -116,6 +110,9 @@ class Monitoring:
         self._published: dict[str, Any] | None = None  # the alarm-state doc last written
         gateway.store.watch(self._on_store_change)
         gateway.store.on_reset(self._reseed)
+        gateway.hooks.firing_alarms = self.firing_alarms
+        gateway.hooks.alarms = self.alarms_view
+        gateway.hooks.route_details.append(self.describe_route)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -275,7 +272,7 @@ class Monitoring:
         """Every rule with its threshold, state, last value and since when (dashboard, CLI)."""
         return [s.to_json() for s in self._alarms.values()]
 
-    def _alarm(self, name: str) -> AlarmStatus:
+    def alarm(self, name: str) -> AlarmStatus:
         found = self._alarms.get(name)
         if found is None:
             known = ", ".join(sorted(self._alarms)) or "none configured"
@@ -285,12 +282,7 @@ class Monitoring:
     async def set_threshold(self, name: str, threshold: float | None, *, actor: str,
                             reason: str | None = None) -> AlarmStatus:
         """Change an alarm's threshold at run time (None: back to the config's value)."""
-        status = self._alarm(name)
-        if threshold is not None and (
-            isinstance(threshold, bool) or not isinstance(threshold, int | float)
-            or not math.isfinite(threshold)
-        ):
-            raise InvalidRequest(f"threshold: must be a finite number or null, got {threshold!r}")
+        status = self.alarm(name)
         store = self.gateway.store
         key = ALARM_KEY + name
         before = status.threshold
@@ -628,98 +620,6 @@ class Monitoring:
         yield score
         yield feature
         yield psi
-
-    # -- admin API -----------------------------------------------------------------------------
-    def add_admin_routes(self, app: web.Application) -> None:
-        from gateway.admin.api import ACTOR_KEY, json_response, read_json
-
-        async def list_alarms(request: web.Request) -> web.Response:
-            return json_response({"alarms": self.alarms_view()})
-
-        async def get_alarm(request: web.Request) -> web.Response:
-            return json_response(self._alarm(request.match_info["name"]).to_json())
-
-        async def put_alarm(request: web.Request) -> web.Response:
-            name = request.match_info["name"]
-            self._alarm(name)
-            data = await read_json(request, {"threshold", "reason"}, {"threshold"})
-            status = await self.set_threshold(name, data["threshold"],
-                                              actor=request[ACTOR_KEY],
-                                              reason=data.get("reason"))
-            return json_response(status.to_json())
-
-        async def get_drift(request: web.Request) -> web.Response:
-            route = request.match_info["route"]
-            return json_response(self.drift(route, _window_param(request, None)))
-
-        async def post_baseline(request: web.Request) -> web.Response:
-            route = request.match_info["route"]
-            probes = self.probes(route)
-            data = await read_json(request, {"window", "reason"})
-            default = probes.config.drift.window if probes is not None else 300.0
-            window = _window(data.get("window"), default)
-            await self.take_baseline(route, window, actor=request[ACTOR_KEY],
-                                     reason=data.get("reason"))
-            return json_response(self.drift(route))
-
-        async def get_probes(request: web.Request) -> web.Response:
-            route = request.match_info["route"]
-            return json_response(self.probe_summary(route, _window_param(request, 60.0)
-                                                    or 60.0))
-
-        app.router.add_get("/admin/alarms", list_alarms)
-        app.router.add_get("/admin/alarms/{name}", get_alarm)
-        app.router.add_put("/admin/alarms/{name}", put_alarm)
-        app.router.add_get("/admin/routes/{route}/drift", get_drift)
-        app.router.add_post("/admin/routes/{route}/drift/baseline", post_baseline)
-        app.router.add_get("/admin/routes/{route}/probes", get_probes)
-
-    def openapi_paths(self) -> dict[str, Any]:
-        route = {"name": "route", "in": "path", "required": True, "schema": {"type": "string"}}
-        name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-        window = {"name": "window", "in": "query", "schema": {"type": "string"},
-                  "description": "e.g. 30s, 5m (at most 15m)"}
-        ok = {"200": {"description": "OK"}}
-        return {
-            "/admin/alarms": {"get": {"summary": "Alarm rules with state, value, since",
-                                      "responses": ok}},
-            "/admin/alarms/{name}": {
-                "get": {"summary": "One alarm rule", "parameters": [name], "responses": ok},
-                "put": {"summary": "Change the threshold at run time (null: back to config)",
-                        "parameters": [name], "responses": ok,
-                        "requestBody": {"required": True, "content": {"application/json": {
-                            "schema": {"type": "object", "required": ["threshold"],
-                                       "additionalProperties": False, "properties": {
-                                           "threshold": {"type": "number", "nullable": True},
-                                           "reason": {"type": "string"}}}}}}},
-            },
-            "/admin/routes/{route}/drift": {"get": {
-                "summary": "PSI of labels, scores and features per backend vs live and "
-                           "vs baseline", "parameters": [route, window], "responses": ok}},
-            "/admin/routes/{route}/drift/baseline": {"post": {
-                "summary": "Take the drift baseline from the last window", "parameters": [route],
-                "responses": ok,
-                "requestBody": {"content": {"application/json": {"schema": {
-                    "type": "object", "additionalProperties": False, "properties": {
-                        "window": {"type": "string"}, "reason": {"type": "string"}}}}}}}},
-            "/admin/routes/{route}/probes": {"get": {
-                "summary": "Probe rates per backend over a window (null, missing, schema)",
-                "parameters": [route, window], "responses": ok}},
-        }
-
-
-def _window(raw: Any, default: float) -> float:
-    if raw is None:
-        return default
-    seconds = parse_duration(raw, "window")
-    if not 1 <= seconds <= MAX_WINDOW:
-        raise InvalidRequest("window: must be between 1s and 15m")
-    return seconds
-
-
-def _window_param(request: web.Request, default: float | None) -> float | None:
-    raw = request.query.get("window")
-    return default if raw is None else _window(raw, default or 0.0)
 
 
 def _grouped(values: dict[str, float | None]) -> dict[str, Any]:

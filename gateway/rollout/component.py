@@ -12,10 +12,14 @@
 - One scheduler task ticks every progressing rollout at its own check interval: analyse
   (`analysis.judge` over `analysis.Meter` windows), decide (`controller.advance`, pure), write,
   carry out.
-- Guarded blue-green: `guarded_switch` checks the target's readiness first and can bake the
+- Guarded blue-green: `guarded_switch` (offered as `Hooks.switch`) checks the target's
+  readiness first and can bake the
   switch (watch the same gates, switch back on failure).
 - Webhooks: this component owns the `Notifier` (config ``webhooks:``), which gets every audit
   event of the gateway, not only rollout ones.
+- Peers through typed hooks only: shadow agreement and firing alarms are read from
+  `Hooks`; an operator's canary change or rollback reaches `on_manual_change` through the
+  control plane's `before_manual_change` listeners. HTTP lives in `gateway.admin.routes.rollout`.
 """
 
 from __future__ import annotations
@@ -26,9 +30,9 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from gateway.component import Host
 from gateway.config import RouteConfig
 from gateway.control import check_backend
 from gateway.errors import (
@@ -55,15 +59,12 @@ from gateway.rollout.controller import (
     RolloutState,
     advance,
 )
-from gateway.rollout.plan import MIN_CHECK_INTERVAL, PLAN_KEYS, RolloutPlan, parse_plan
+from gateway.rollout.plan import PLAN_KEYS, RolloutPlan, parse_plan
 from gateway.routing import Tap
-from gateway.schema import parse_duration
 from gateway.state import RouteState
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator
-
-    from gateway.app import Gateway
 
 log = logging.getLogger("modelgate.rollout")
 ROLLOUT_KEY = "rollout/"
@@ -82,7 +83,7 @@ class Rollouts:
 
     def __init__(
         self,
-        gateway: Gateway,
+        gateway: Host,
         *,
         notify_timeout: float = DEFAULT_TIMEOUT,
         notify_retries: int = DEFAULT_RETRIES,
@@ -107,6 +108,9 @@ class Rollouts:
         # Only the controller lease holder ticks rollouts; gaining the lease wakes it.
         gateway.lease.on_change(lambda held: self._wake.set())
         gateway.recorder.add_collector("rollout", self._collect)
+        gateway.control.before_manual_change(self.on_manual_change)
+        gateway.hooks.switch = self.guarded_switch
+        gateway.hooks.route_details.append(self.describe_route)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -297,7 +301,7 @@ class Rollouts:
                 ) -> tuple[int, float | None] | None:
         if plan.gates.min_shadow_agreement is None:
             return None
-        agreement = getattr(self.gateway.find_component("shadow"), "agreement", None)
+        agreement = self.gateway.hooks.shadow_agreement
         # Only the candidate's own comparison counts: a shadow of another backend says
         # nothing about it (then the gate is skipped).
         if agreement is None or self.gateway.control.state(state.route).shadow != state.backend:
@@ -312,7 +316,7 @@ class Rollouts:
     def _alarms(self, state: RolloutState, plan: RolloutPlan) -> list[str] | None:
         if not plan.gates.no_firing_alarms:
             return None
-        firing = getattr(self.gateway.find_component("monitoring"), "firing_alarms", None)
+        firing = self.gateway.hooks.firing_alarms
         if firing is None:
             return None
         try:
@@ -414,11 +418,13 @@ class Rollouts:
                 return new
         raise Conflict(f"rollout of route {route!r} is changing too fast; try again")
 
-    async def start_rollout(self, route: str, data: dict[str, Any], actor: str) -> RolloutState:
-        """Start a canary ramp; `data` is an API body (plan keys, `force`, `reason`)."""
+    async def start_rollout(self, route: str, overrides: dict[str, Any] | None = None, *,
+                            actor: str, force: bool = False, reason: str | None = None
+                            ) -> RolloutState:
+        """Start a canary ramp: the route's config plan with `overrides` (plan document keys,
+        as in the config's ``rollout:`` section) on top; `force` skips the readiness check."""
         cfg = self.gateway.control.route_config(route)
-        force = _bool(data, "force")
-        plan = self.plan_from_body(cfg, data)
+        plan = self.plan_from_body(cfg, overrides or {})
         if plan.backend is None:
             raise InvalidRequest("backend: required (the route's config names no rollout "
                                  "backend)")
@@ -455,7 +461,7 @@ class Rollouts:
                 await self._routing_refused(state, plan, exc)
                 raise
             await self._event(route, actor, "rollout_start", None, state, plan,
-                              data.get("reason"), {"plan": plan.to_json()})
+                              reason, {"plan": plan.to_json()})
             self._wake.set()
             return state
 
@@ -573,18 +579,12 @@ class Rollouts:
         else:
             await self._stop_for(route, actor, f"manual canary change by {actor}", pause=True)
 
-    async def guarded_switch(self, route: str, data: dict[str, Any], actor: str) -> None:
+    async def guarded_switch(self, route: str, to: str, *, actor: str, force: bool = False,
+                             bake: float | None = None, reason: str | None = None) -> None:
         """Blue-green switch that first checks the target is ready (409 unless `force`) and
-        optionally bakes: watches the gates for `bake` and switches back on failure."""
+        optionally bakes: watches the gates for `bake` seconds and switches back on failure."""
         cfg = self.gateway.control.route_config(route)
-        to = data["to"]
         check_backend(cfg, to, "to")
-        force = _bool(data, "force")
-        bake: float | None = None
-        if data.get("bake") is not None:
-            bake = parse_duration(data["bake"], "bake")
-            if bake < MIN_CHECK_INTERVAL:
-                raise InvalidRequest(f"bake: must be at least {MIN_CHECK_INTERVAL * 1000:g}ms")
         routing = self.gateway.control.state(route)
         plan = cfg.rollout or RolloutPlan()
         if to == routing.live:
@@ -598,7 +598,7 @@ class Rollouts:
         await self._stop_for(route, actor, f"superseded by a manual switch to {to!r} by {actor}",
                              pause=False)
         before = routing.live
-        await self.gateway.control.switch(route, to, actor=actor, reason=data.get("reason"))
+        await self.gateway.control.switch(route, to, actor=actor, reason=reason)
         if bake is not None:
             await self._start_bake(cfg, to, before, bake, plan, actor)
 
@@ -724,101 +724,6 @@ class Rollouts:
         yield step
         yield failures
         yield phase
-
-    # -- admin API ---------------------------------------------------------------------------
-    def add_admin_routes(self, app: web.Application) -> None:
-        from gateway.admin.api import ACTOR_KEY, json_response, read_json
-
-        async def start(request: web.Request) -> web.Response:
-            route = request.match_info["route"]
-            self.gateway.control.route_config(route)
-            data = await read_json(request, set(PLAN_KEYS) | {"reason", "force"})
-            await self.start_rollout(route, data, request[ACTOR_KEY])
-            return json_response(self.view(route), 201)
-
-        async def get(request: web.Request) -> web.Response:
-            return json_response(self.view(request.match_info["route"]))
-
-        def action(run: Callable[[str, str, str | None], Awaitable[RolloutState]]
-                   ) -> Callable[[web.Request], Awaitable[web.Response]]:
-            async def handler(request: web.Request) -> web.Response:
-                route = request.match_info["route"]
-                self.gateway.control.route_config(route)
-                data = await read_json(request, {"reason"})
-                await run(route, request[ACTOR_KEY], data.get("reason"))
-                return json_response(self.view(route))
-
-            return handler
-
-        base = "/admin/routes/{route}/rollout"
-        app.router.add_post(base, start)
-        app.router.add_get(base, get)
-        app.router.add_post(base + "/pause", action(self.pause))
-        app.router.add_post(base + "/resume", action(self.resume))
-        app.router.add_post(base + "/promote", action(self.promote))
-        app.router.add_post(base + "/abort", action(self.abort))
-
-    def openapi_paths(self) -> dict[str, Any]:
-        from gateway.admin.openapi import _REASON, _op
-
-        duration = {"oneOf": [{"type": "string"}, {"type": "number"}],
-                    "description": "'500ms', '30s', '2m' or seconds"}
-        gates = {"type": "object", "additionalProperties": False, "properties": {
-            "max_error_rate": {"type": "number", "minimum": 0, "maximum": 1},
-            "max_error_rate_ratio": {"type": "number", "exclusiveMinimum": 0},
-            "max_p99_ms": {"type": "number", "exclusiveMinimum": 0},
-            "max_p99_ratio": {"type": "number", "exclusiveMinimum": 0},
-            "max_null_rate": {"type": "number", "minimum": 0, "maximum": 1},
-            "min_shadow_agreement": {"type": "number", "minimum": 0, "maximum": 1},
-            "no_firing_alarms": {"type": "boolean"},
-            "min_requests": {"type": "integer", "minimum": 1},
-        }}
-        start = _op(
-            "Start a canary rollout; {} uses the route's config plan, given keys override it",
-            {"properties": {
-                "backend": {"type": "string", "description": "the candidate"},
-                "steps": {"type": "array", "items": {"type": "number", "exclusiveMinimum": 0,
-                                                      "maximum": 100}},
-                "step": {"type": "number", "description": "linear ramp: step, 2×step, ..."},
-                "max_weight": {"type": "number", "description": "linear ramp's last weight"},
-                "interval": {**duration, "description": "bake time of each step"},
-                "check_interval": {**duration, "description": "how often gates are checked"},
-                "window": {**duration, "description": "analysis window (default interval)"},
-                "failure_threshold": {"type": "integer", "minimum": 1},
-                "gates": gates,
-                "health_path": {"type": "string"},
-                "health_timeout": duration,
-                "smoke": {"type": "object"},
-                "force": {"type": "boolean", "description": "skip the readiness check"},
-                **_REASON}})
-        start["responses"]["201"] = {"description": "Started: the rollout's view"}
-        start["responses"]["409"] = {"description": "A rollout is running, or the candidate "
-                                                    "is not ready"}
-
-        def act(summary: str) -> dict[str, Any]:
-            op = _op(summary, {"properties": {**_REASON}})
-            op["responses"]["409"] = {"description": "Not allowed in the current phase"}
-            return op
-
-        base = "/admin/routes/{route}/rollout"
-        return {
-            base: {"post": start, "get": _op(
-                "Rollout status: phase, step, weight, time in step, each gate's last value "
-                "and verdict, reason, plan")},
-            base + "/pause": {"post": act("Pause: hold the current weight")},
-            base + "/resume": {"post": act("Resume a paused rollout (the step bakes anew)")},
-            base + "/promote": {"post": act("Skip to 100%: the candidate becomes live")},
-            base + "/abort": {"post": act("Roll back now (canary weight 0)")},
-        }
-
-
-def _bool(data: dict[str, Any], key: str) -> bool:
-    value = data.get(key, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise InvalidRequest(f"{key}: must be true or false, got {value!r}")
-    return value
 
 
 def _busy(state: RolloutState) -> str:

@@ -14,12 +14,12 @@ Two implementations behind one small interface, sharing one proxy test suite:
 from __future__ import annotations
 
 import socket
-import ssl
 from collections.abc import Sequence
 from typing import Protocol
 
 from gateway.config import ServerConfig
 from gateway.proxy import Proxy
+from gateway.server.tls import tls_context
 
 SERVER_KINDS = ("fast", "aiohttp")
 
@@ -35,15 +35,6 @@ class ProxyServer(Protocol):
     async def stop(self, timeout: float) -> None:
         """Stop accepting, close idle connections, let answers being written finish (at most
         `timeout` seconds), then close everything and await every task it owns."""
-
-
-def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
-    """The server's TLS context, built once at start (None: plain HTTP)."""
-    if config.tls_cert is None:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
 
 
 def make_server(kind: str, proxy: Proxy, config: ServerConfig) -> ProxyServer:

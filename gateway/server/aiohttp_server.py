@@ -18,7 +18,7 @@ from multidict import CIMultiDict
 
 from gateway.config import ServerConfig
 from gateway.proxy import ClientGone, Proxy, ProxyRequest
-from gateway.server import tls_context
+from gateway.server.tls import tls_context
 from gateway.upstream import Headers
 
 READ_CHUNK = 64 * 1024

@@ -41,7 +41,7 @@ import orjson
 
 from gateway.config import ServerConfig
 from gateway.proxy import ClientGone, Proxy, ProxyRequest
-from gateway.server import tls_context
+from gateway.server.tls import tls_context
 from gateway.upstream import Headers
 
 log = logging.getLogger("modelgate.server")

@@ -33,7 +33,6 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from aiohttp import web
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -41,10 +40,10 @@ from prometheus_client.core import (
     Metric,
 )
 
+from gateway.component import Host
 from gateway.config import RouteConfig, Timeouts
 from gateway.errors import (
     ConfigError,
-    InvalidRequest,
     UpstreamConnectError,
     UpstreamError,
     UpstreamTimeout,
@@ -52,7 +51,6 @@ from gateway.errors import (
 from gateway.jsonpath import MISSING
 from gateway.metrics import dense, prom_buckets
 from gateway.routing import Backend, Exchange, Tap, in_sample, threshold
-from gateway.schema import parse_duration
 from gateway.shadow.compare import Comparator, Comparison
 from gateway.shadow.config import ShadowConfig
 from gateway.shadow.log import ComparisonLog
@@ -61,7 +59,6 @@ from gateway.state import RouteState
 from gateway.upstream import Headers
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
     from gateway.cluster.metrics import ShadowView
 
 log = logging.getLogger("modelgate.shadow")
@@ -146,7 +143,7 @@ class ShadowTap:
 class Shadowing:
     name = "shadow"
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Host) -> None:
         self.gateway = gateway
         self._lanes: dict[str, _Lane] = {
             route.name: _Lane(route, route.shadow or ShadowConfig())
@@ -163,6 +160,8 @@ class Shadowing:
                     found = self._logs[key] = ComparisonLog(cfg.log)
                 self._lanes[route.name].log = found
         gateway.recorder.add_collector("shadow", self._collect)
+        gateway.hooks.shadow_agreement = self.agreement
+        gateway.hooks.route_details.append(self.describe_route)
 
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -375,16 +374,12 @@ class Shadowing:
 
     def report(self, route: str, seconds: float | None = None,
                backend: str | None = None) -> dict[str, Any]:
-        """The report behind ``GET /admin/routes/{route}/shadow``."""
-        cfg = self.gateway.control.route_config(route)
+        """The report behind ``GET /admin/routes/{route}/shadow``: over the last `seconds`
+        (at most the route's ``shadow.window``; default all of it), of `backend` (one of the
+        route's; default the current or last shadow)."""
         state = self.gateway.control.state(route)
         lane = self._lanes[route]
         shadow_cfg = lane.config
-        if backend is not None and backend not in cfg.backends:
-            raise InvalidRequest(f"backend: route {route!r} has no backend {backend!r}")
-        if seconds is not None and not 0 < seconds <= shadow_cfg.window:
-            raise InvalidRequest(f"window: must be more than 0 and at most the configured "
-                                 f"{shadow_cfg.window:g}s")
         stats = self._stats_of(route, backend)
         with_text = shadow_cfg.compare.text.mode == "similarity"
         span = shadow_cfg.window if seconds is None else seconds
@@ -412,6 +407,10 @@ class Shadowing:
             "total": total,
         }
 
+    def window(self, route: str) -> float:
+        """The longest window the route's shadow reports cover (``shadow.window``)."""
+        return self._lanes[route].config.window
+
     def describe_route(self, name: str) -> dict[str, Any]:
         stats = self._stats_of(name, None)
         if stats is None:
@@ -424,38 +423,6 @@ class Shadowing:
             "dropped": tally.dropped, "shadow_errors": o["shadow_error"],
             "shadow_timeouts": o["shadow_timeout"],
         }}
-
-    # -- admin API -----------------------------------------------------------------------------
-    def add_admin_routes(self, app: web.Application) -> None:
-        from gateway.admin.api import json_response
-
-        async def get_report(request: web.Request) -> web.Response:
-            name = request.match_info["route"]
-            self.gateway.control.route_config(name)
-            raw = request.query.get("window")
-            seconds = None
-            if raw is not None:
-                seconds = parse_duration(raw, "window")
-            return json_response(self.report(name, seconds, request.query.get("backend")))
-
-        app.router.add_get("/admin/routes/{route}/shadow", get_report)
-
-    def openapi_paths(self) -> dict[str, Any]:
-        return {"/admin/routes/{route}/shadow": {"get": {
-            "summary": "Shadow report: agreement, confusion counts, numeric delta, errors, "
-                       "drops and live vs shadow latency, over the window and since start",
-            "parameters": [
-                {"name": "route", "in": "path", "required": True, "schema": {"type": "string"}},
-                {"name": "window", "in": "query", "schema": {"type": "string"},
-                 "description": "e.g. 60s; at most the route's shadow.window"},
-                {"name": "backend", "in": "query", "schema": {"type": "string"},
-                 "description": "a past shadow backend (default: the current or last one)"},
-            ],
-            "responses": {"200": {"description": "OK"},
-                          "400": {"description": "JSON error"},
-                          "401": {"description": "JSON error"},
-                          "404": {"description": "JSON error"}},
-        }}}
 
     # -- Prometheus ----------------------------------------------------------------------------
     def _collect(self) -> list[Metric]:

@@ -3,7 +3,7 @@
 Memory is bounded: one `Tally` per second of the configured window (a ring, allocated only
 for seconds that saw traffic), one `Tally` since start, and every tally keeps at most
 `MAX_CONFUSION` distinct label pairs (the rest are counted under ``(other)``). Latencies go
-into the same log-spaced buckets as the request metrics (gateway.metrics.FINE_BOUNDS), so
+into the same log-spaced buckets as the request metrics (gateway.histogram.FINE_BOUNDS), so
 quantiles are the upper bound of a ~20%-wide bucket.
 """
 
@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from gateway import metrics
-from gateway.metrics import FINE_BOUNDS
+from gateway import histogram
+from gateway.histogram import FINE_BOUNDS
 from gateway.shadow.compare import Comparison
 
 MAX_CONFUSION = 1000
@@ -172,7 +172,7 @@ class Tally:
 
 def quantile(hist: dict[int, int], q: float) -> float | None:
     """Upper bound (seconds) of the bucket holding the q-quantile; None without data."""
-    return metrics.quantile(metrics.dense(hist), q)
+    return histogram.quantile(histogram.dense(hist), q)
 
 
 def _latency(hist: dict[int, int]) -> dict[str, Any]:

@@ -16,58 +16,20 @@ uploads. Only a body of unknown length goes out chunked.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator
-from typing import Protocol
+from collections.abc import Callable
 
-from gateway.config import Timeouts
+from gateway.upstream.base import HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
 
-Headers = list[tuple[bytes, bytes]]
-Body = bytes | AsyncIterable[bytes] | None
-
-# RFC 9110 §7.6.1 hop-by-hop headers, plus the de-facto ones proxies also drop.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization",
-    b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade",
-})
+UpstreamFactory = Callable[[str], Upstream]
+"""Makes the upstream of one origin: tests pass one (e.g. `MockUpstream`) to run features
+without sockets."""
 
 
-class UpstreamResponse(Protocol):
-    status: int
-    reason: str
-    headers: Headers
-    content_length: int | None
-
-    async def read(self) -> bytes:
-        """The whole body (then the connection is reused)."""
-
-    def iter_chunks(self) -> AsyncIterator[bytes]:
-        """Body chunks as they arrive (for streams: SSE, chunked, large bodies)."""
-
-    def close(self) -> None:
-        """Abandon the response (its connection is dropped, not reused). Idempotent."""
-
-
-class Upstream(Protocol):
-    origin: str
-
-    async def send(
-        self,
-        method: str,
-        target: str,
-        headers: Headers,
-        body: Body,
-        timeouts: Timeouts,
-        length: int | None = None,
-    ) -> UpstreamResponse:
-        """Send a request (`target` is path + query) and return once the status line and
-        headers are in. `length`: the size of a streamed `body` when known (Content-Length
-        framing; the stream must yield exactly that many bytes), None for chunked."""
-
-    async def close(self) -> None: ...
-
-
-def make_upstream(origin: str, kind: str = "fast") -> Upstream:
-    """`fast` (default): the httptools pool, ~3x the throughput; `aiohttp`: the reference."""
+def make_upstream(origin: str, kind: str | UpstreamFactory = "fast") -> Upstream:
+    """`fast` (default): the httptools pool, ~3x the throughput; `aiohttp`: the reference;
+    a factory: whatever it makes (an in-process `MockUpstream` in tests)."""
+    if callable(kind):
+        return kind(origin)
     if kind == "fast":
         from gateway.upstream.fastpool import FastUpstream
 
@@ -77,4 +39,5 @@ def make_upstream(origin: str, kind: str = "fast") -> Upstream:
     return AiohttpUpstream(origin)
 
 
-__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamResponse", "make_upstream"]
+__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamFactory", "UpstreamResponse",
+           "make_upstream"]

@@ -14,7 +14,7 @@ from yarl import URL
 
 from gateway.config import Timeouts
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
-from gateway.upstream import Body, Headers
+from gateway.upstream.base import Body, Headers
 
 POOL_LIMIT = 512
 LARGE_BODY = 1024 * 1024

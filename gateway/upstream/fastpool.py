@@ -42,7 +42,7 @@ import httptools
 
 from gateway.config import Timeouts
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
-from gateway.upstream import Body, Headers
+from gateway.upstream.base import Body, Headers
 
 MAX_SLOT_WAITERS = 4096  # requests queued for a connection beyond MAX_ACTIVE
 MAX_IDLE = 256  # idle keep-alive connections kept per origin
