@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from gateway.cluster.metrics import LocalMetrics, MetricsSource
 from gateway.component import Host
@@ -56,6 +57,30 @@ ALARM_KEY = "alarm/"
 ALARM_STATE_KEY = "alarm-state"
 BASELINE_KEY = "baseline/"
 _STATUS_FIELDS = ("state", "since", "value", "backend", "samples", "last_value", "last_backend")
+
+
+class _StoredThreshold(BaseModel):
+    """``alarm/<name>``: a run-time threshold (null: back to the config's)."""
+
+    model_config = ConfigDict(strict=True)
+    threshold: float | None = None
+
+
+class _StoredStatus(BaseModel):
+    """One alarm in ``alarm-state``: where the lease holder's evaluation left it."""
+
+    model_config = ConfigDict(strict=True)
+    state: str = "ok"
+    since: float = 0.0
+    value: float | None = None
+    backend: str | None = None
+    samples: float = 0.0
+    last_value: float | None = None
+    last_backend: str | None = None
+
+
+_THRESHOLD_DOC = TypeAdapter(_StoredThreshold)
+_STATES_DOC = TypeAdapter(dict[str, _StoredStatus])
 CAS_ATTEMPTS = 20
 LAG_HISTORY = 120  # samples kept for the recent maximum (a minute at the default interval)
 
@@ -325,21 +350,25 @@ class Monitoring:
             return
         if not key.startswith(ALARM_KEY):
             return
-        value = doc.get("threshold") if doc is not None else None
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
-            log.warning("ignoring bad stored threshold for %s: %r", key, value)
+        try:
+            stored = _THRESHOLD_DOC.validate_python(doc or {})
+        except ValidationError:
+            log.warning("ignoring bad stored threshold for %s: %r", key, doc)
             return
-        self._apply_threshold(key[len(ALARM_KEY):], None if value is None else float(value))
+        self._apply_threshold(key[len(ALARM_KEY):], stored.threshold)
 
     def _apply_states(self, doc: dict[str, Any]) -> None:
         """The lease holder's view of every alarm, on a process that does not evaluate."""
-        for name, fields in doc.items():
+        try:
+            states = _STATES_DOC.validate_python(doc)
+        except ValidationError:
+            log.warning("ignoring an unreadable alarm-state document")
+            return
+        for name, fields in states.items():
             status = self._alarms.get(name)
-            if status is None or not isinstance(fields, dict):
-                continue
-            for f in _STATUS_FIELDS:
-                if f in fields:
-                    setattr(status, f, fields[f])
+            if status is not None:
+                for f in fields.model_fields_set:
+                    setattr(status, f, getattr(fields, f))
 
     async def _reseed(self) -> None:
         """The store lost its data: write back thresholds and baselines this process knows."""
