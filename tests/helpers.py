@@ -16,6 +16,7 @@ from aiohttp import web
 from gateway.app import ComponentFactory, Gateway
 from gateway.config import parse_config
 from gateway.demo.model_server import start_model_server
+from gateway.upstream import UpstreamFactory
 
 TOKEN = "test-admin-token"
 INFER = "/v2/models/classifier/infer"
@@ -123,7 +124,7 @@ DEFAULT_SERVER: str | None = None
 
 @asynccontextmanager
 async def running_gateway(
-    config: dict[str, Any], *, upstream_kind: str = "fast",
+    config: dict[str, Any], *, upstream_kind: str | UpstreamFactory = "fast",
     components: list[ComponentFactory] | None = None, **kwargs: Any,
 ) -> AsyncIterator[RunningGateway]:
     kwargs.setdefault("server_kind", DEFAULT_SERVER)

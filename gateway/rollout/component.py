@@ -261,22 +261,38 @@ class Rollouts:
             routing = self.gateway.control.state(route)
             expected_live = state.baseline if state.kind == CANARY else state.backend
             if routing.live != expected_live:
-                reason = (f"stopped: the live backend became {routing.live!r} outside the "
-                          f"rollout (expected {expected_live!r})")
-                new = state.evolve(phase=ABORTED, reason=reason, finished=now)
+                if state.kind == CANARY and routing.live == state.backend:
+                    # The promotion's switch happened but its paperwork did not (lease or
+                    # store lost in between): finish it rather than call it an abort.
+                    action, reason = "rollout_promote", "promoted (switch already made)"
+                    new = state.evolve(phase=PROMOTED, reason=reason, finished=now)
+                else:
+                    action = "rollout_abort"
+                    reason = (f"stopped: the live backend became {routing.live!r} outside "
+                              f"the rollout (expected {expected_live!r})")
+                    new = state.evolve(phase=ABORTED, reason=reason, finished=now)
                 try:
                     await self._write(new, plan, version, fenced=True)
                 except VersionConflict:
                     return None
-                await self._event(route, CONTROLLER, "rollout_abort", state, new, plan, reason)
+                await self._event(route, CONTROLLER, action, state, new, plan, reason)
                 return None
             analysis = self._analyze(state, plan, now)
             decision = advance(state, analysis, now, plan)
+            # Traffic first, then the paperwork: a stored decision whose routing change then
+            # failed would never be carried out (only progressing rollouts are ticked), while
+            # a routing change whose paperwork fails is simply made again (a no-op) by the
+            # next tick, on this process or the next lease holder.
+            carried = await self._carry_out(decision, plan)
+            if carried is None:
+                return None  # the control plane refused: the rollout was stopped
             try:
                 await self._write(decision.state, plan, version, fenced=True)
             except VersionConflict:
                 return None  # an operator acted meanwhile: the next tick reads their change
-            await self._carry_out(state, decision, plan)
+            if carried != "hold":
+                await self._event(route, CONTROLLER, carried, state, decision.state, plan,
+                                  decision.reason)
             return decision
 
     def _meter(self, state: RolloutState, plan: RolloutPlan) -> Meter:
@@ -325,43 +341,38 @@ class Rollouts:
             log.exception("firing alarms of route %s failed", state.route)
             return None
 
-    async def _carry_out(self, old: RolloutState, decision: Decision, plan: RolloutPlan) -> None:
-        """Make the routing change a decision calls for, then record the rollout event."""
+    async def _carry_out(self, decision: Decision, plan: RolloutPlan) -> str | None:
+        """Make the routing change a decision calls for; returns the audit action for it
+        (``hold``: none was needed), or None when the control plane refused it."""
         state = decision.state
         route = state.route
         control = self.gateway.control
         fence = self.gateway.lease.fence
         if decision.action == "hold":
-            if decision.verdict_changed:
-                await self._event(route, CONTROLLER, "rollout_check", old, state, plan,
-                                  decision.reason)
-            return
+            return "rollout_check" if decision.verdict_changed else "hold"
         try:
             if decision.action == "rollback":
-                # First the traffic, then the paperwork: every millisecond here sends users to
-                # a failing backend. Unfenced: the decision is already stored, and a rollback
-                # is safe to carry out even if the lease just moved on.
+                # Unfenced: moving traffic back to the known-good version is safe even if
+                # the lease just moved on; every millisecond here sends users to a failure.
                 if state.kind == BAKE:
                     await control.switch(route, state.baseline, actor=CONTROLLER,
                                          reason=decision.reason)
                 else:
                     await control.set_canary(route, state.backend, 0, actor=CONTROLLER,
                                              reason=decision.reason)
-                action = "rollout_rollback"
-            elif decision.action == "advance":
+                return "rollout_rollback"
+            if decision.action == "advance":
                 self._meter(state, plan).mark(state.step_started, force=True)
                 await control.set_canary(route, state.backend, plan.steps[state.step],
                                          actor=CONTROLLER, reason=decision.reason, fence=fence)
-                action = "rollout_step"
-            else:
-                if state.kind == CANARY:
-                    await control.switch(route, state.backend, actor=CONTROLLER,
-                                         reason=decision.reason, fence=fence)
-                action = "rollout_promote"
+                return "rollout_step"
+            if state.kind == CANARY:
+                await control.switch(route, state.backend, actor=CONTROLLER,
+                                     reason=decision.reason, fence=fence)
+            return "rollout_promote"
         except AdminError as exc:
             await self._routing_refused(state, plan, exc)
-            return
-        await self._event(route, CONTROLLER, action, old, state, plan, decision.reason)
+            return None
 
     async def _routing_refused(self, state: RolloutState, plan: RolloutPlan,
                                exc: AdminError) -> None:
