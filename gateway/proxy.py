@@ -50,6 +50,18 @@ _NOT_FORWARDED = frozenset({b"host", b"expect"})
 _DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
 _JSON = (b"Content-Type", b"application/json")
 REQUEST_ID = b"X-Request-ID"
+# What the request-header pass does with a (lower-case) name; absent: forwarded as is.
+_H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
+    _H_REQUEST_ID = range(7)
+_REQUEST_HEADER_KIND: dict[bytes, int] = {
+    **dict.fromkeys(_DROP_REQUEST | _NOT_FORWARDED, _H_DROP),
+    b"host": _H_HOST,
+    b"connection": _H_CONNECTION,
+    b"x-forwarded-for": _H_FORWARDED_FOR,
+    b"x-forwarded-proto": _H_FORWARDED_PROTO,
+    b"x-forwarded-host": _H_FORWARDED_HOST,
+    b"x-request-id": _H_REQUEST_ID,
+}
 
 
 class BodyTooLarge(Exception):
@@ -123,12 +135,17 @@ def error_body(status: int, code: str, message: str, request_id: str | None,
 
 
 _ID_PREFIX = os.urandom(6).hex()  # per process: ids stay unique across workers and replicas
+_ID_PREFIX_BYTES = _ID_PREFIX.encode()
 _id_counter = itertools.count(1)
 
 
 def new_request_id() -> str:
     """A unique id without a syscall per request: random process prefix + a counter."""
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+    return _new_rid().decode()
+
+
+def _new_rid() -> bytes:
+    return b"%s%012x" % (_ID_PREFIX_BYTES, next(_id_counter))
 
 
 def client_request_id(value: bytes | None) -> str | None:
@@ -191,46 +208,56 @@ class Proxy:
 
     async def _proxy(self, request: ProxyRequest, sink: ResponseSink) -> None:
         started = time.perf_counter()
-        # One pass over the headers: what is forwarded, and the few values we need.
-        drop = _DROP_REQUEST
+        # One pass over the headers: what is forwarded, and the few values we need. One dict
+        # lookup per header name; a forwarded header keeps its (name, value) tuple.
+        kind_of = _REQUEST_HEADER_KIND.get
         out: Headers = []
+        append = out.append
         host: bytes | None = None
         rid_raw: bytes | None = None
         rid_at = -1
         connection: bytes | None = None
         forwarded_for: bytes | None = None
         has_proto = has_fhost = False
-        for name, value in request.headers:
-            lower = name.lower()
-            if lower in drop or lower in _NOT_FORWARDED:
-                if lower == b"host":
-                    host = value
-                elif lower == b"connection":
-                    connection = value if connection is None else connection + b"," + value
+        for item in request.headers:
+            kind = kind_of(item[0].lower())
+            if kind is None:
+                append(item)
                 continue
-            if lower[:2] == b"x-":
-                if lower == b"x-forwarded-for":  # several lines are one list: keep them all
-                    forwarded_for = (value if forwarded_for is None
-                                     else forwarded_for + b", " + value)
-                    continue
-                if lower == b"x-forwarded-proto":
-                    has_proto = True
-                elif lower == b"x-forwarded-host":
-                    has_fhost = True
-                elif lower == b"x-request-id":
-                    if rid_at < 0:
-                        rid_raw = value
-                        rid_at = len(out)
-                    else:
-                        continue  # one id goes on: the one the client gets back
-            out.append((name, value))
+            if kind == _H_DROP:
+                continue
+            if kind == _H_HOST:
+                host = item[1]
+                continue
+            if kind == _H_CONNECTION:
+                value = item[1]
+                connection = value if connection is None else connection + b"," + value
+                continue
+            if kind == _H_FORWARDED_FOR:  # several lines are one list: keep them all
+                value = item[1]
+                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                continue
+            if kind == _H_FORWARDED_PROTO:
+                has_proto = True
+            elif kind == _H_FORWARDED_HOST:
+                has_fhost = True
+            elif rid_at < 0:  # _H_REQUEST_ID
+                rid_raw = item[1]
+                rid_at = len(out)
+            else:
+                continue  # one id goes on: the one the client gets back
+            append(item)
         if connection is not None and (extra := connection_tokens(connection)):
             out = [(n, v) for n, v in out if n.lower() not in extra]
             rid_at = next((i for i, (n, _) in enumerate(out) if n.lower() == b"x-request-id"),
                           -1)
 
-        request_id = client_request_id(rid_raw) or new_request_id()
-        rid = request_id.encode()
+        request_id = client_request_id(rid_raw) if rid_raw is not None else None
+        if request_id is None:
+            rid = _new_rid()
+            request_id = rid.decode()
+        else:
+            rid = request_id.encode()
         target = request.target
         query_at = target.find("?")
         path = target if query_at < 0 else target[:query_at]
@@ -496,10 +523,12 @@ async def _read_body(body: RequestBody, limit: int) -> bytes:
     first = await body.chunk()
     if not first:
         return b""
-    parts = [first]
     size = len(first)
     if size > limit:
         raise BodyTooLarge
+    if size == body.length:
+        return first  # all of a body of known length: no call for the end
+    parts = [first]
     while chunk := await body.chunk():
         size += len(chunk)
         if size > limit:

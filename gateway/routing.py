@@ -30,6 +30,13 @@ def threshold(weight_percent: float) -> int:
     return max(0, min(BUCKETS, round(weight_percent * WEIGHT_SCALE)))
 
 
+# Buckets of recent (salt, key) pairs: user keys repeat, and a dict lookup costs a tenth of
+# the hash. Bounded: short keys only, and the whole cache is dropped when it is full.
+_BUCKET_CACHE: dict[tuple[bytes, str], int] = {}
+BUCKET_CACHE_MAX = 16384
+BUCKET_CACHE_KEY_MAX = 64
+
+
 def in_sample(t: int, salt: bytes, key: str | None) -> bool:
     """Whether a request with user `key` falls in the first `t` of 10,000 buckets: the canary
     split and the shadow sample. Sticky per key; no key → a random draw per request."""
@@ -37,7 +44,16 @@ def in_sample(t: int, salt: bytes, key: str | None) -> bool:
         return False
     if t >= BUCKETS:
         return True
-    b = bucket_of(salt, key) if key is not None else random.randrange(BUCKETS)
+    if key is None:
+        return random.randrange(BUCKETS) < t
+    if len(key) > BUCKET_CACHE_KEY_MAX:
+        return bucket_of(salt, key) < t
+    cache_key = (salt, key)
+    b = _BUCKET_CACHE.get(cache_key)
+    if b is None:
+        if len(_BUCKET_CACHE) >= BUCKET_CACHE_MAX:
+            _BUCKET_CACHE.clear()
+        b = _BUCKET_CACHE[cache_key] = bucket_of(salt, key)
     return b < t
 
 

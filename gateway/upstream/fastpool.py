@@ -550,7 +550,12 @@ class FastUpstream:
 
         fresh = False
         while True:
-            conn, reused = await self._acquire(timeouts, fresh)
+            # The common case without a coroutine: a free slot and a warm idle connection.
+            conn = self._take_idle() if not fresh and self._slots < MAX_ACTIVE else None
+            if conn is not None:
+                reused = True
+            else:
+                conn, reused = await self._acquire(timeouts, fresh)
             try:
                 return await conn.request(head, payload, stream, timeouts.read, head_only,
                                           length is None)
@@ -621,6 +626,21 @@ class FastUpstream:
         return head
 
     # Connections and slots
+
+    def _take_idle(self) -> _Conn | None:
+        """A slot and the warmest idle connection, or None (and no slot) if none is usable."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            transport = conn.transport
+            if conn.closed or transport is None or transport.is_closing():
+                conn.state = _DEAD
+                continue
+            self._slots += 1
+            conn.state = _ACTIVE
+            self._active.add(conn)
+            return conn
+        return None
 
     async def _acquire(self, timeouts: Timeouts, fresh: bool) -> tuple[_Conn, bool]:
         if self._slots < MAX_ACTIVE:
