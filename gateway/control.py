@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from gateway.config import GatewayConfig, RouteConfig
-from gateway.errors import Conflict, InvalidRequest, NotFound, VersionConflict
+from gateway.errors import Conflict, InvalidRequest, NotFound, StoreError, VersionConflict
 from gateway.state import Event, RouteState, weight_problem
 from gateway.store import Fence, Store
 
@@ -71,18 +71,25 @@ class ControlPlane:
         state this process routes on, so traffic stays where it is rather than jumping back
         to the config's starting state; the first replica to write wins, the others take its
         copy. Versions start again at 1, so the old ones are forgotten first."""
+        failed: StoreError | None = None
         for name, state in list(self._states.items()):
             self._states[name] = state.evolve(version=0)
             event = _event_doc(name, "gateway", "reseed", None, state.to_json(),
                                "the store lost its data; seeded from the last routing state")
             try:
-                await self.store.commit(route_key(name), state.evolve(version=0).to_json(), 0,
-                                        event)
-            except VersionConflict:
-                pass  # another process seeded it first: its copy arrives through the watch
-            found = await self.store.read(route_key(name))
+                try:
+                    await self.store.commit(route_key(name), state.evolve(version=0).to_json(),
+                                            0, event)
+                except VersionConflict:
+                    pass  # another process seeded it first (or the store has a copy): take it
+                found = await self.store.read(route_key(name))
+            except StoreError as exc:
+                failed = exc  # go on with the other routes; the store runs the reset again
+                continue
             if found is not None:
                 self._accept(name, found[0], found[1])
+        if failed is not None:
+            raise failed
         log.warning("store lost its data: routing state seeded again",
                     extra={"event": "store_reseeded"})
 

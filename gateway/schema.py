@@ -109,8 +109,9 @@ def _message(error: Any) -> tuple[tuple[Any, ...], str]:
 def without_nulls(data: Any) -> Any:
     """`key:` with nothing after it (YAML null) means the key is absent, as it always has:
     `timeouts:` left empty keeps the defaults instead of failing."""
-    if isinstance(data, dict):
-        return {k: without_nulls(v) for k, v in data.items() if v is not None}
+    if isinstance(data, dict):  # keys as text too: YAML reads `1:` as a number
+        return {k if isinstance(k, str) else str(k): without_nulls(v)
+                for k, v in data.items() if v is not None}
     if isinstance(data, list):
         return [without_nulls(v) for v in data]
     return data
@@ -305,7 +306,10 @@ def _size(value: Any) -> int:
         size = value
     elif isinstance(value, str) and (m := _SIZE.match(value)):
         unit = m.group(2).lower() if m.group(2) else None
-        size = int(float(m.group(1)) * _SIZE_UNITS[unit])
+        scaled = float(m.group(1)) * _SIZE_UNITS[unit]
+        if not math.isfinite(scaled):
+            raise problem(f"size too large: {value!r}")
+        size = int(scaled)
     else:
         raise problem(f"expected a size like '10MiB', got {value!r}")
     if size < 0:

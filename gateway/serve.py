@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.admin.auth import TOKEN_ENV, generate_token_file
 from gateway.config import GatewayConfig, load_config
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, ModelgateError
 from gateway.logs import setup_logging
 from gateway.signals import StopSignals
 
@@ -181,7 +181,9 @@ async def _serve(config: GatewayConfig, upstream: str, role: WorkerRole | None,
             await gateway.stop(drain_timeout=0)  # close whatever did start
             if isinstance(exc, OSError):
                 return fail(f"cannot listen: {exc.strerror or exc}", 1)
-            if role is not None and isinstance(exc, Exception):  # e.g. store unreachable
+            # e.g. the store is unreachable: one line, not a traceback (a worker reports any
+            # failure to its supervisor the same way)
+            if isinstance(exc, ModelgateError) or role is not None and isinstance(exc, Exception):
                 return fail(f"cannot start: {exc}", 1)
             raise
         assert gateway.admin_address is not None

@@ -492,3 +492,16 @@ routes:
     config = load_config(path)
     assert config.routes[0].timeouts.read == 30.0
     assert config.routes[0].shadow is None and config.webhooks == ()
+
+
+def test_numeric_backend_names_and_absurd_sizes() -> None:
+    """YAML reads `1:` as a number: backend names stay text, as they always did. A size too
+    large for a float is a key-path error, not a traceback."""
+    data = minimal()
+    route = data["routes"][0]
+    url = next(iter(route["backends"].values()))["url"]
+    route["backends"] = {1: {"url": url}, 2: {"url": url}}
+    route["live"] = "1"
+    assert list(parse_config(data).routes[0].backends) == ["1", "2"]
+    route["max_body_bytes"] = "9" * 400 + "gb"
+    assert error_of(data).startswith("routes[0].max_body_bytes: size too large")

@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.errors import StoreUnavailable
+from gateway.config import parse_config
+from gateway.control import ControlPlane
+from gateway.errors import StoreUnavailable, VersionConflict
 from gateway.store.redis import RedisStore
+from gateway.store.url import redacted_url
 from tests.helpers import refusing_port, wait_for
 from tests.redis_server import RedisServer
 
@@ -205,3 +208,65 @@ async def test_start_fails_fast_without_redis_and_hides_the_password() -> None:
         assert "hunter2" not in str(caught.value) and f":{port}" in str(caught.value)
         assert not store.up
         await store.close()
+
+
+def test_store_urls_never_show_a_password() -> None:
+    assert redacted_url("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redacted_url("redis://app:s3cret@db:6379/0") == "redis://app:***@db:6379/0"
+    shown = redacted_url("redis://db:6379/0?password=s3cret&socket_timeout=1")
+    assert "s3cret" not in shown and "socket_timeout=1" in shown
+    assert "s3cret" not in redacted_url("unix:///run/redis.sock?db=0&password=s3cret")
+    assert redacted_url("redis://db:6379/0") == "redis://db:6379/0"
+
+
+ROUTES = {"routes": [{"name": "r", "match": {"path_prefix": "/p"},
+                      "backends": {"blue": {"url": "http://h:1"}, "green": {"url": "http://h:2"}},
+                      "live": "blue"}]}
+
+
+async def test_an_older_copy_of_the_data_is_taken_and_later_writes_apply(
+    redis_server: RedisServer,
+) -> None:
+    """A replica promoted with the last writes missing (the epoch kept, the versions reused
+    from a lower number): processes take the store's copy, and their next writes route."""
+    config = parse_config({**ROUTES, "store": redis_server.url})
+    store = RedisStore(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}",
+                       resync_interval=0.1)
+    await store.start()
+    control = ControlPlane(config, store)
+    try:
+        await control.start()
+        await control.set_canary("r", "green", 5, actor="op")
+        keys = [f"{store.namespace}:{k}" for k in ("docs", "versions", "rev")]
+        older = {k: await store.redis.dump(k) for k in keys}
+        await control.set_canary("r", "green", 10, actor="op")  # lost in the failover
+        for key, value in older.items():
+            await store.redis.restore(key, 0, value, replace=True)
+        await wait_for(lambda: control.state("r").canary_weight == 5, timeout=5,
+                       message="the process to take the store's copy")
+        changed = await control.set_canary("r", "green", 0, actor="op")
+        assert changed.canary_weight == 0
+        assert control.state("r").canary_weight == 0  # routes by its own write again
+    finally:
+        await store.close()
+
+
+async def test_a_change_sent_twice_by_a_retry_is_applied_once(redis_server: RedisServer) -> None:
+    """redis-py sends a command again when the connection drops after the script ran: the
+    second run sees its own change as a conflict, which must not become a second change."""
+    async with opened(redis_server.url, namespace=f"t{uuid.uuid4().hex[:8]}") as store:
+        await store.write("route/r", {"live": "blue"}, 0)
+        script = store._change
+
+        async def ran_twice(*args: Any, **kwargs: Any) -> Any:
+            await script(*args, **kwargs)  # the reply of this run was "lost"
+            return await script(*args, **kwargs)
+
+        store._change = ran_twice  # type: ignore[assignment]
+        event = {"route": "r", "actor": "op", "action": "rollback", "time": 1.5}
+        version, stored = await store.commit("route/r", {"live": "green"}, 1, event)
+        assert version == 2 and stored["action"] == "rollback"
+        assert await store.read("route/r") == ({"live": "green"}, 2)
+        assert [e["id"] for e in await store.events(10, "r")] == [stored["id"]]
+        with pytest.raises(VersionConflict):  # a real conflict stays one
+            await store.commit("route/r", {"live": "blue"}, 1, dict(event, time=2.5))

@@ -36,7 +36,14 @@ from gateway.cluster.workers import (
 )
 from gateway.config import parse_config
 from gateway.serve import NEEDS_SHARED_STORE, check_options
-from tests.helpers import INFER, ModelServer, classifier_config, infer_body, wait_for
+from tests.helpers import (
+    INFER,
+    ModelServer,
+    classifier_config,
+    infer_body,
+    refusing_port,
+    wait_for,
+)
 from tests.redis_server import RedisServer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -518,3 +525,16 @@ def test_the_supervisor_refuses_a_port_someone_else_holds(tmp_path: Path) -> Non
                               capture_output=True, timeout=60)
     assert done.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in done.stderr.decode()
+
+
+async def test_serve_with_an_unreachable_store_says_so_in_one_line(tmp_path: Path) -> None:
+    async with refusing_port() as url:
+        path = tmp_path / "gw.yaml"
+        path.write_text(json.dumps({"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"},
+                                    "store": url.replace("http://", "redis://") + "/0"}))
+        done = subprocess.run([sys.executable, "-m", "gateway", "serve", "-c", str(path)],
+                              cwd=REPO, env=clean_env(tmp_path), capture_output=True,
+                              timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 1, err
+    assert "cannot start: redis store" in err and "Traceback" not in err

@@ -7,6 +7,7 @@ from typing import Any
 from gateway.admin.host import AdminHost
 from gateway.component import Host
 from gateway.errors import StoreError
+from gateway.store.url import redacted_url
 
 
 def route_view(host: Host, name: str) -> dict[str, Any]:
@@ -51,7 +52,7 @@ async def cluster_view(host: AdminHost) -> dict[str, Any]:
     lease = host.lease
     view: dict[str, Any] = {
         "self": host.member_id,
-        "store": {"kind": store_kind(host), "url": redacted_store_url(host.config.store),
+        "store": {"kind": store_kind(host), "url": redacted_url(host.config.store),
                   "up": host.store.up},
         "lease": {"name": lease.name, "holder": None, "held_here": lease.held},
         "members": [],
@@ -69,10 +70,3 @@ async def cluster_view(host: AdminHost) -> dict[str, Any]:
     )
     return view
 
-
-def redacted_store_url(url: str) -> str:
-    """The store URL without its password (``redis://:secret@host`` → ``redis://***@host``)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"

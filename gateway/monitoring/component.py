@@ -133,6 +133,8 @@ class Monitoring:
         self._lag_recent: deque[float] = deque(maxlen=LAG_HISTORY)
         self.recorder.add_collector("monitoring", self._collect)
         self._published: dict[str, Any] | None = None  # the alarm-state doc last written
+        # Another holder may have written since: a new term starts by writing it again.
+        gateway.lease.on_change(lambda held: setattr(self, "_published", None))
         gateway.store.watch(self._on_store_change)
         gateway.store.on_reset(self._reseed)
         gateway.hooks.firing_alarms = self.firing_alarms
@@ -275,6 +277,8 @@ class Monitoring:
         # Same keys on both sides, so a diff of the event shows what changed: state and value.
         common = {"alarm": rule.name, "metric": rule.metric, "threshold": status.threshold,
                   "window": rule.window}
+        if not self.gateway.lease.held:
+            return  # the lease moved on during this tick: the new holder announces it
         await self.gateway.control.record(
             rule.route, "monitoring", action,
             {**common, "state": before, "backend": status.last_backend,

@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
@@ -44,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.errors import LeaseLost, StoreError, StoreUnavailable, VersionConflict
 from gateway.store.memory import EVENT_LOG_LIMIT
+from gateway.store.url import redacted_url
 
 log = logging.getLogger("modelgate.store")
 
@@ -184,7 +184,7 @@ class RedisStore:
             raise ValueError("namespace must not be empty")
         self.namespace = namespace
         self.resync_interval = resync_interval
-        self._where = _redacted(url)
+        self._where = redacted_url(url)
         # Short timeouts: a dead Redis must fail a caller fast (503), never hang it. One quick
         # retry on a connection error only: it replaces a pooled connection that died while
         # idle (Redis restarted); a timeout is not retried (the script may have run).
@@ -217,6 +217,7 @@ class RedisStore:
         self._epoch: bytes | None = None
         self._seen: dict[str, _Seen] = {}
         self._floor = 0  # every change up to this rev is in what we delivered (a snapshot)
+        self._high = 0  # the highest rev seen at all: a store below it is an older copy
         self._resync_due = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -327,12 +328,39 @@ class RedisStore:
             assert fence is not None
             raise LeaseLost(f"{key}: lease {fence[0]!r} is not held by {fence[1]!r}")
         if status == "conflict":
-            raise VersionConflict(
-                f"{key}: expected version {expected}, store has {int(reply[1])}")
+            stored = int(reply[1])
+            if raw is not None and stored == expected + 1:
+                # The connection dropped after the script ran and the client sent it again:
+                # the "conflict" is our own change. Never apply it twice (a rollback applied
+                # twice undoes itself).
+                mine = await self._already_applied(key, raw, event, route)
+                if mine is not None:
+                    return stored, mine
+            raise VersionConflict(f"{key}: expected version {expected}, store has {stored}")
         version, rev, event_id, epoch = int(reply[1]), int(reply[2]), int(reply[3]), reply[4]
         if rev:  # 0: deleting an absent key changed nothing
             self._offer(key, raw, version, rev, epoch or None)
         return version, event_id
+
+    async def _already_applied(self, key: str, raw: bytes, event: bytes | None,
+                               route: Any) -> int | None:
+        """The event id (0 without one) if the stored document, and the newest event of its
+        stream, are exactly what this call wrote; None otherwise (a real conflict). An event
+        carries its time to the microsecond: another writer's cannot be equal."""
+        stream = (self._route_events_key(route) if isinstance(route, str)
+                  else self._k_events)
+        with self._reaching("read back"):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hget(self._k_docs, key)
+                pipe.xrevrange(stream, count=1)
+                stored, newest = await pipe.execute()
+        if stored != raw:
+            return None
+        if event is None:
+            return 0
+        if not newest or newest[0][1].get(b"e") != event:
+            return None
+        return int(_text(newest[0][0]).split("-")[0])
 
     # -- audit log ---------------------------------------------------------------------------
     async def append_event(self, event: Doc) -> Doc:
@@ -374,6 +402,7 @@ class RedisStore:
         if epoch != self._epoch:
             self._resync_due = True  # another data set: the resync resets, then delivers
             return
+        self._high = max(self._high, rev)
         if rev <= self._floor:
             return
         seen = self._seen.get(key)
@@ -461,11 +490,16 @@ class RedisStore:
             if epoch != self._epoch:  # lost again meanwhile: the next round deals with it
                 self._resync_due = True
                 return
-        if rev < self._floor:  # the change count went back (deleted alone): deliver it all
+        if rev < self._high:
+            # The change count went back with the epoch kept: an older copy of the data (a
+            # replica promoted with writes missing, a restored dump). Its versions are reused
+            # from a lower number, so the owners forget theirs and take the store's copy.
             log.warning("redis store %s: change counter went back from %d to %d",
-                        self._where, self._floor, rev)
+                        self._where, self._high, rev)
             self._seen.clear()
-            self._floor = 0
+            self._floor = self._high = 0
+            if not await self._run_reset_listeners():
+                self._resync_due = True
         self._apply(rev, docs, versions, deliver=True)
         self._set_up()
 
@@ -475,14 +509,28 @@ class RedisStore:
         log.warning("redis store %s lost its data or was replaced (epoch %s -> %s): "
                     "documents will be seeded again", self._where, _text(self._epoch),
                     _text(epoch), extra={"event": "store_reset"})
-        self._epoch = epoch
+        previous, self._epoch = self._epoch, epoch
         self._seen.clear()
-        self._floor = 0
+        self._floor = self._high = 0
+        if not await self._run_reset_listeners():
+            # An owner could not seed its documents (Redis flapping): forget the new epoch
+            # so the next resync runs the reset again (the seeding is idempotent).
+            self._epoch = previous
+            self._resync_due = True
+
+    async def _run_reset_listeners(self) -> bool:
+        """Let every owner seed its documents again; False if the store failed under one of
+        them (worth another try; a listener's own bug is logged, not retried)."""
+        ok = True
         for callback in list(self._reset_listeners):
             try:
                 await callback()
+            except StoreError as exc:
+                log.warning("seeding the store again failed: %s; will retry", exc)
+                ok = False
             except Exception:
                 log.exception("store reset listener failed")
+        return ok
 
     def _apply(self, rev: int, docs: dict[bytes, bytes], versions: dict[bytes, bytes], *,
                deliver: bool) -> None:
@@ -507,6 +555,7 @@ class RedisStore:
             if deliver and (seen is None or (seen.version, seen.raw) != (version, raw)):
                 self._notify(key, raw, version)
         self._floor = max(self._floor, rev)
+        self._high = max(self._high, rev)
 
     # -- leases and members ------------------------------------------------------------------
     def _lease_key(self, name: str) -> str:
@@ -608,12 +657,3 @@ def _text(value: Any) -> str:
 def _bytes(value: bytes | str | None) -> bytes | None:
     return value.encode() if isinstance(value, str) else value
 
-
-def _redacted(url: str) -> str:
-    """The URL for logs and errors, without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
