@@ -287,3 +287,13 @@ async def test_admin_over_tls(tmp_path: Path) -> None:
         [], f"https://127.0.0.1:{port}", context)
     assert r.status_code == 200, r.text
     assert "admin https://" in (tmp_path / "stdout").read_text()
+
+
+async def test_rollout_plan_paths_are_bounded(blue: ModelServer, green: ModelServer) -> None:
+    async with running_gateway(config_with_roles(blue, green)) as gw:
+        for body in ({"backend": "green", "health_path": "/" + "h" * 2000},
+                     {"backend": "green", "smoke": {"path": "/" + "s" * 2000}}):
+            r = await gw.admin.post("/admin/routes/classifier/rollout", json=body)
+            assert r.status_code == 400, r.text[:200]
+            assert "at most 1024 characters" in r.json()["message"], r.text[:200]
+        assert (await gw.admin.get("/admin/events")).json()["events"] == []
