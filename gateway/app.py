@@ -22,7 +22,7 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from gateway import __version__
-from gateway.admin.app import build_admin_app
+from gateway.admin.app import admin_tls_context, build_admin_app
 from gateway.cluster.lease import Lease
 from gateway.cluster.members import Membership
 from gateway.cluster.metrics import MetricsSource, metrics_source
@@ -95,9 +95,14 @@ class Gateway:
         self.metrics: MetricsSource = metrics_source(self.store, self.member_id, self.recorder,
                                                      clock)
         self.recorder.add_collector("cluster", self._collect_cluster)
-        self.tokens = dict(config.admin.tokens)
+        # Token name -> secret, and -> role; a name missing from `roles` (the env token, the
+        # generated one) is an operator's.
+        self.tokens = config.admin.secrets()
+        self.roles: dict[str, str] = dict(config.admin.roles())
         if admin_token:
             self.tokens.update(admin_token)
+            for name in admin_token:
+                self.roles.pop(name, None)
         self.upstream_kind = upstream_kind
         self._upstreams: dict[str, Upstream] = {}
         self.static: dict[str, StaticRoute] = {}
@@ -234,7 +239,8 @@ class Gateway:
             await admin_runner.setup()
             self._runners.append(admin_runner)
             host, port = self.config.admin.listen
-            site = web.TCPSite(admin_runner, host, port, reuse_address=True)
+            site = web.TCPSite(admin_runner, host, port, reuse_address=True,
+                               ssl_context=admin_tls_context(self.config.admin))
             await site.start()
             self.admin_address = _bound(site, host, port)
         # Start-up garbage lives forever: keep the collector from rescanning it under load.

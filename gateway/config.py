@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, TypeAdapter, ValidationInfo, field_validator
+from pydantic import Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 from pydantic import model_validator as model_check
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
@@ -41,6 +41,7 @@ from gateway.schema import (
     Size,
     Text,
     UrlPath,
+    config_error,
     duration,
     integer,
     nonempty,
@@ -72,16 +73,37 @@ def _store(value: Any) -> str:
     return str(value)
 
 
+MIN_TOKEN_LENGTH = 16
+Role = Literal["viewer", "operator"]
+ROLES: tuple[Role, ...] = ("viewer", "operator")
+
+
+def secret_problem(value: Any) -> str | None:
+    """Why `value` cannot be an admin token (config or `MODELGATE_ADMIN_TOKEN`), or None."""
+    if not isinstance(value, str):
+        return "expected a string"
+    if len(value) < MIN_TOKEN_LENGTH:
+        return f"token must be a string of at least {MIN_TOKEN_LENGTH} characters"
+    return None
+
+
 def _secret(value: Any) -> str:
-    if not isinstance(value, str) or len(value) < 8:
-        raise problem("token must be a string of at least 8 characters")
-    return value
+    if (found := secret_problem(value)) is not None:
+        raise problem(found)
+    return str(value)
+
+
+def _optional_secret(value: Any) -> str | None:
+    # ``token: ${MODELGATE_ADMIN_TOKEN:-}``: empty means "not configured here"
+    return None if value is None or value == "" else _secret(value)
 
 
 Share = Annotated[float, weight()]  # percent, in steps of 0.01
 Store = Annotated[str, typed(_store, {"anyOf": [
     {"const": "memory"}, {"type": "string", "pattern": "^(rediss?|unix)://"}]})]
-Secret = Annotated[str, typed(_secret, {"type": "string", "minLength": 8})]
+Secret = Annotated[str, typed(_secret, {"type": "string", "minLength": MIN_TOKEN_LENGTH})]
+OptionalSecret = Annotated[str | None, typed(_optional_secret, {"anyOf": [
+    {"type": "string", "minLength": MIN_TOKEN_LENGTH}, {"const": ""}, {"type": "null"}]})]
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -209,23 +231,69 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
+class TlsFiles:
+    cert: Text
+    key: Text | None = None  # None: the key is in the cert file
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class AdminToken:
+    """A named admin token with its role: ``viewer`` may only read (GET/HEAD), ``operator``
+    may also change things. A token given as a plain string is an operator's."""
+
+    token: Secret
+    role: Role = "operator"
+
+
+_ADMIN_TOKEN = TypeAdapter(AdminToken)
+
+
+def _token_entry(value: Any) -> str | AdminToken:
+    """A plain secret (an operator's token) or ``{token, role}``."""
+    if isinstance(value, AdminToken):
+        return value
+    if not isinstance(value, dict):
+        return _secret(value)
+    try:
+        return _ADMIN_TOKEN.validate_python(value)
+    except ValidationError as exc:
+        found = config_error(exc)
+        raise problem(found.problem, *(p for p in found.path.split(".") if p != "(top)")
+                      ) from None
+
+
+TokenEntry = Annotated[str | AdminToken, typed(_token_entry, {"anyOf": [
+    {"type": "string", "minLength": MIN_TOKEN_LENGTH}, {
+        "type": "object", "additionalProperties": False, "required": ["token"],
+        "properties": {"token": {"type": "string", "minLength": MIN_TOKEN_LENGTH},
+                       "role": {"enum": list(ROLES)}}}]})]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class AdminConfig:
     listen: Address = Field(default=DEFAULT_ADMIN_LISTEN,
                             json_schema_extra={"default": "127.0.0.1:8001"})
-    # token name -> secret; the name is the actor recorded in audit events. `token` (the
-    # document's secret of the token named "admin"; empty = not configured here) joins them.
-    tokens: dict[str, Secret] = Field(default_factory=dict)
-    token: str | None = None
+    # token name -> secret, or {token, role}; the name is the actor recorded in audit events.
+    # `token` (the document's secret of the operator token named "admin"; empty = not
+    # configured here) joins them.
+    tokens: dict[Name, TokenEntry] = Field(default_factory=dict)
+    token: OptionalSecret = None
+    # Serve the admin API over HTTPS (needed to listen on a non-loopback address unless
+    # `modelgate serve --insecure-admin`).
+    tls: TlsFiles | None = None
 
     def __post_init__(self) -> None:
         if self.token:
             object.__setattr__(self, "tokens", {"admin": self.token, **self.tokens})
 
+    def secrets(self) -> dict[str, str]:
+        """Token name -> secret."""
+        return {name: t if isinstance(t, str) else t.token for name, t in self.tokens.items()}
 
-@dataclass(frozen=True, slots=True, config=MODEL)
-class TlsFiles:
-    cert: Text
-    key: Text | None = None  # None: the key is in the cert file
+    def roles(self) -> dict[str, Role]:
+        """Token name -> role (a plain-string token is an operator's)."""
+        return {name: "operator" if isinstance(t, str) else t.role
+                for name, t in self.tokens.items()}
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)

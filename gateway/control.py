@@ -15,7 +15,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound, StoreError, VersionConflict
-from gateway.state import Event, RouteState, weight_problem
+from gateway.state import Event, RouteState, role_of, weight_problem
 from gateway.store import Fence, Store
 
 log = logging.getLogger("modelgate.control")
@@ -273,8 +273,8 @@ class ControlPlane:
 
 def _event_doc(route: str | None, actor: str, action: str, before: dict[str, Any] | None,
                after: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
-    return {"time": time.time(), "route": route, "actor": actor, "action": action,
-            "before": before, "after": after, "reason": reason}
+    return {"time": time.time(), "route": route, "actor": str(actor), "role": role_of(actor),
+            "action": action, "before": before, "after": after, "reason": reason}
 
 
 def canary_change(

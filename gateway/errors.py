@@ -55,6 +55,11 @@ class Unauthorized(AdminError):
     code = "unauthorized"
 
 
+class Forbidden(AdminError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(AdminError):
     status = 404
     code = "not_found"

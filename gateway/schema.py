@@ -240,8 +240,18 @@ Text = Annotated[str, text()]
 LowerText = Annotated[str, text(lower=True)]
 Name = Annotated[str, text(lambda v: None if NAME_RE.match(v) else f"not a valid name: {v!r}",
                            pattern=NAME_RE.pattern)]
-UrlPath = Annotated[str, text(lambda v: None if v.startswith("/") else "must start with '/'",
-                              pattern="^/")]
+MAX_URL_PATH = 1024  # an admin body's paths (a rollout plan's health_path, smoke.path) are stored
+
+
+def _url_path(value: str) -> str | None:
+    if not value.startswith("/"):
+        return "must start with '/'"
+    if len(value) > MAX_URL_PATH:
+        return f"at most {MAX_URL_PATH} characters, got {len(value)}"
+    return None
+
+
+UrlPath = Annotated[str, text(_url_path, pattern="^/")]
 
 
 def parse_duration(value: Any, path: str) -> float:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.admin.auth import TOKEN_ENV, generate_token_file
-from gateway.config import GatewayConfig, load_config
+from gateway.config import GatewayConfig, load_config, secret_problem
 from gateway.errors import ConfigError, ModelgateError
 from gateway.logs import setup_logging
 from gateway.signals import StopSignals
@@ -59,6 +60,37 @@ def env_tokens() -> dict[str, str]:
     """``MODELGATE_ADMIN_TOKEN`` adds (or replaces) the token named "admin"."""
     token = os.environ.get(TOKEN_ENV, "").strip()
     return {"admin": token} if token else {}
+
+
+def env_token_problem() -> str | None:
+    """Why ``MODELGATE_ADMIN_TOKEN`` (when set) cannot be a token, or None."""
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token and (found := secret_problem(token)) is not None:
+        return f"{TOKEN_ENV}: {found}"
+    return None
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost; anything else (0.0.0.0, "", a name) is not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_listen_problem(config: GatewayConfig, insecure_admin: bool = False) -> str | None:
+    """Why the admin API may not listen where the config says, or None: beyond loopback its
+    bearer tokens would cross the network in clear text, unless it is served over TLS
+    (``admin.tls``) or the operator says TLS terminates elsewhere (``--insecure-admin``)."""
+    host = config.admin.listen[0]
+    if is_loopback(host) or config.admin.tls is not None or insecure_admin:
+        return None
+    shown = f"[{host}]" if ":" in host else (host or "*")
+    return (f"admin.listen {shown}:{config.admin.listen[1]} is not a loopback address: "
+            f"configure admin.tls (cert, key) or pass --insecure-admin (TLS terminated or "
+            f"the port kept private elsewhere)")
 
 
 def check_options(config: GatewayConfig, workers: int, upstream: str) -> str | None:
@@ -108,7 +140,8 @@ def describe_addresses(gateway: Any) -> tuple[str, str]:
     admin = ""
     if gateway.admin_address is not None:
         host, port = gateway.admin_address
-        admin = f"http://{_host(host)}:{port}"
+        scheme = "https" if gateway.config.admin.tls is not None else "http"
+        admin = f"{scheme}://{_host(host)}:{port}"
     return proxy, admin
 
 
@@ -210,7 +243,7 @@ async def _serve(config: GatewayConfig, upstream: str, role: WorkerRole | None,
 def run_server(config_path: str, workers: int = 1, upstream: str = "fast",
                log_level: str = "info", log_format: str = "json",
                worker_index: int | None = None, worker_spec: str | None = None,
-               supervisor_pid: int | None = None) -> int:
+               supervisor_pid: int | None = None, insecure_admin: bool = False) -> int:
     """`modelgate serve`: the exit code (2: bad config or options; 1: cannot listen).
 
     ``--workers N`` (N > 1) runs a supervisor (gateway/cluster/workers.py) that starts N
@@ -220,7 +253,9 @@ def run_server(config_path: str, workers: int = 1, upstream: str = "fast",
     except ConfigError as exc:
         print(f"modelgate: {config_path}: {exc}", file=sys.stderr)
         return 2
-    problem = check_options(config, workers, upstream)
+    problem = check_options(config, workers, upstream) or env_token_problem()
+    if problem is None and worker_index is None:  # a worker's supervisor checked already
+        problem = admin_listen_problem(config, insecure_admin)
     if problem is not None:
         print(f"modelgate: {problem}", file=sys.stderr)
         return 2

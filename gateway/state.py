@@ -59,6 +59,32 @@ class RouteState:
         return share
 
 
+OPERATOR = "operator"
+VIEWER = "viewer"
+
+
+class Actor(str):
+    """An admin token's name (what the audit log's `actor` is) that also carries the token's
+    role. A `str`, so it goes through every ``actor: str`` parameter unchanged, and the
+    control plane writes `role` into the audit event; the controllers' own actors are plain
+    strings (role None)."""
+
+    role: str
+
+    def __new__(cls, name: str, role: str) -> Actor:
+        actor = super().__new__(cls, name)
+        actor.role = role
+        return actor
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copies and pickles keep the role
+        return Actor, (str(self), self.role)
+
+
+def role_of(actor: str) -> str | None:
+    """The role of an admin token's `actor`; None for the controllers' own actors."""
+    return actor.role if isinstance(actor, Actor) else None
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     """One audited state change: who did what, to which route, from what to what, and why."""
@@ -71,6 +97,9 @@ class Event:
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     reason: str | None = None
+    # The admin token's role ("operator"); None for the controllers' events and for events
+    # stored before roles existed.
+    role: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

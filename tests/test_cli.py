@@ -239,8 +239,8 @@ def test_serve_refuses_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_admin_token_sources(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert env_tokens() == {}
-    monkeypatch.setenv(TOKEN_ENV, "from-the-env")
-    assert env_tokens() == {"admin": "from-the-env"}
+    monkeypatch.setenv(TOKEN_ENV, "from-the-env-token")
+    assert env_tokens() == {"admin": "from-the-env-token"}
 
     configured = {"ops": "configured-token"}
     assert AdminToken().ensure(configured, 1234) is None  # a configured token: no file

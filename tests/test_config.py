@@ -40,8 +40,8 @@ def minimal() -> dict[str, Any]:
 def full() -> dict[str, Any]:
     return {
         "listen": ["127.0.0.1:8000", "[::1]:8000"],
-        "admin": {"listen": "127.0.0.1:8101", "token": "s3cret-token",
-                  "tokens": {"ci": "another-secret"}},
+        "admin": {"listen": "127.0.0.1:8101", "token": "s3cret-admin-token",
+                  "tokens": {"ci": "another-secret-token"}},
         "store": "memory",
         "drain_timeout": "5s",
         "access_log_sample": 0.5,
@@ -116,7 +116,7 @@ def test_full_config() -> None:
     config = parse_config(full(), env={})
     assert config.listen == (("127.0.0.1", 8000), ("::1", 8000))
     assert config.admin.listen == ("127.0.0.1", 8101)
-    assert config.admin.tokens == {"admin": "s3cret-token", "ci": "another-secret"}
+    assert config.admin.tokens == {"admin": "s3cret-admin-token", "ci": "another-secret-token"}
     assert config.drain_timeout == 5.0
     assert config.access_log_sample == 0.5
     route = config.routes[0]
@@ -347,7 +347,7 @@ ERRORS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
      "admin.listen: expected 'host:port', got 'localhost'"),
     ("admin token type", _set(["admin"], {"token": 12345678}), "admin.token: expected a string"),
     ("short named token", _set(["admin"], {"tokens": {"ci": "short"}}),
-     "admin.tokens.ci: token must be a string of at least 8 characters"),
+     "admin.tokens.ci: token must be a string of at least 16 characters"),
     ("store", _set(["store"], "postgres://db"),
      "store: expected 'memory' or a redis:// URL, got 'postgres://db'"),
     ("routes not a list", _set(["routes"], {"classifier": {}}),

@@ -159,3 +159,58 @@ def test_instructions_name_the_admin_url_only_when_not_default() -> None:
     text = instructions("http://127.0.0.1:8000", "http://127.0.0.1:9999", models, "env", True)
     assert "modelgate rollback classifier --admin http://127.0.0.1:9999" in text
     assert "shadow" in text
+
+
+def model_ports_of(admin_port: int, token: str) -> dict[str, int]:
+    r = httpx.get(f"http://127.0.0.1:{admin_port}/admin/routes/classifier",
+                  headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    urls = {name: b["urls"][0] for name, b in r.json()["backends"].items()}
+    return {name: int(url.rsplit(":", 1)[1].rstrip("/")) for name, url in urls.items()}
+
+
+async def test_two_demos_side_by_side_and_chosen_model_ports(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch
+                                                             ) -> None:
+    """Two demos at once both start (the second's model servers move to free ports), and
+    MODELGATE_BLUE_PORT / MODELGATE_GREEN_PORT put them where asked."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    blue, green = free_port(), free_port()
+    monkeypatch.setenv("MODELGATE_BLUE_PORT", str(blue))
+    monkeypatch.setenv("MODELGATE_GREEN_PORT", str(green))
+    async with httpx.AsyncClient(timeout=30) as client:
+        with demo_process(first) as (proc_a, _, admin_a):
+            await wait_ready(client, admin_a, proc_a, first)
+            monkeypatch.delenv("MODELGATE_BLUE_PORT")
+            monkeypatch.delenv("MODELGATE_GREEN_PORT")
+            with demo_process(second) as (proc_b, _, admin_b):
+                await wait_ready(client, admin_b, proc_b, second)
+                ports_a = model_ports_of(admin_a, token_of(first, admin_a))
+                ports_b = model_ports_of(admin_b, token_of(second, admin_b))
+                assert ports_a == {"blue": blue, "green": green}
+                assert not set(ports_a.values()) & set(ports_b.values())
+                await stop_demo(proc_b, second)
+            await stop_demo(proc_a, first)
+
+
+def token_of(tmp_path: Path, admin_port: int) -> str:
+    return (tmp_path / "state" / f"admin-token-{admin_port}").read_text().strip()
+
+
+async def test_demo_refuses_a_taken_chosen_model_port(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("MODELGATE_BLUE_PORT", str(port))
+        with demo_process(tmp_path) as (proc, _, _):
+            await wait_for(lambda: proc.poll() is not None, timeout=30, interval=0.05,
+                           message="the demo to give up")
+            assert proc.returncode == 1
+            err = (tmp_path / "stderr").read_text()
+            assert f"MODELGATE_BLUE_PORT={port}" in err, err

@@ -24,6 +24,7 @@ import yaml
 from gateway.cli import build_parser
 from gateway.config import GatewayConfig, load_config
 from gateway.errors import ConfigError
+from gateway.serve import admin_listen_problem
 from tests.test_deploy_render import BASE, OVERLAY, find, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +119,10 @@ def test_dockerfile_runs_modelgate_serve_as_the_deploy_config_says() -> None:
     assert entrypoint[0] in ("dumb-init", "tini") and entrypoint[-1] == "modelgate"
     served = parse_serve(cmd)
     assert served.command == "serve"
+    # the admin port listens on 0.0.0.0 in the container: serve must be told it may
+    assert admin_listen_problem(load_deploy_config({"MODELGATE_BLUE_URL": "http://b:1",
+                                                    "MODELGATE_GREEN_URL": "http://g:1"}),
+                                served.insecure_admin) is None
     copied = {a.split()[-1]: a.split()[-2] for w, a in steps if w == "COPY"}
     assert copied[served.config] == "deploy/gateway.yaml"
     # State dir from the environment; the health check hits /healthz on the admin port.
@@ -201,6 +206,7 @@ def test_deployment_matches_what_modelgate_serve_accepts(directory: Path,
     (tmp_path / config_file).write_text(configmap["data"][config_file])
     config = load_deploy_config(env, tmp_path / config_file)
     assert config.admin.tokens.get("admin") == env["MODELGATE_ADMIN_TOKEN"]
+    assert admin_listen_problem(config, served.insecure_admin) is None
 
     # Several replicas need the shared store, and it is the Redis of the manifests.
     assert spec["replicas"] >= 2
@@ -318,6 +324,7 @@ def test_compose_stack_validates_and_wires_up() -> None:
         env = service["environment"]
         config = load_deploy_config(env)
         assert config.admin.tokens["admin"] == token
+        assert admin_listen_problem(config, served.insecure_admin) is None
         store = urlsplit(config.store)
         assert store.scheme == "redis" and store.hostname in services
         for route in config.routes:

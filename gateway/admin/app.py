@@ -7,6 +7,7 @@ generated once from the same list (`gateway.admin.openapi`).
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from aiohttp import web
@@ -14,9 +15,10 @@ from aiohttp import web
 from gateway.admin import dashboard
 from gateway.admin.endpoint import Call, Endpoint, handler
 from gateway.admin.host import AdminHost
-from gateway.admin.http import TOKENS_KEY, auth_middleware, error_middleware
+from gateway.admin.http import ROLES_KEY, TOKENS_KEY, auth_middleware, error_middleware
 from gateway.admin.openapi import openapi_document
 from gateway.admin.routes import core, monitoring, rollout, shadow
+from gateway.config import AdminConfig
 
 MAX_BODY = 1024 * 1024
 
@@ -45,7 +47,17 @@ def build_admin_app(host: AdminHost) -> web.Application:
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=MAX_BODY)
     app[TOKENS_KEY] = host.tokens
+    app[ROLES_KEY] = host.roles
     for endpoint in admin_endpoints(host, app):
         app.router.add_route(endpoint.method, endpoint.path,
                              handler(endpoint, host.control.route_config))
     return app
+
+
+def admin_tls_context(config: AdminConfig) -> ssl.SSLContext | None:
+    """The admin server's TLS context (``admin.tls``), or None: plain HTTP."""
+    if config.tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config.tls.cert, config.tls.key)
+    return context

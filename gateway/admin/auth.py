@@ -1,4 +1,5 @@
-"""Bearer tokens for the admin API. The token's name is the actor in audit events."""
+"""Bearer tokens for the admin API. The token's name is the actor in audit events, its role
+(``viewer``: read only; ``operator``: may change things) goes with it."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import secrets
 from pathlib import Path
 
 from gateway.errors import Unauthorized
+from gateway.state import OPERATOR
 
 TOKEN_ENV = "MODELGATE_ADMIN_TOKEN"
 STATE_DIR_ENV = "MODELGATE_STATE_DIR"
@@ -56,6 +58,14 @@ def read_token_file(admin_port: int) -> str | None:
         return token_file(admin_port).read_text().strip() or None
     except OSError:
         return None
+
+
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def may(role: str, method: str) -> bool:
+    """Whether a token of `role` may make a `method` request (viewers only read)."""
+    return role == OPERATOR or method.upper() in READ_METHODS
 
 
 def actor_for(header: str | None, tokens: dict[str, str]) -> str:

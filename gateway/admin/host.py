@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 class AdminHost(Host, Protocol):
     tokens: dict[str, str]
+    roles: dict[str, str]  # token name -> role; absent: operator
     ready: bool
     draining: bool
     member_id: str

@@ -18,14 +18,16 @@ import orjson
 from aiohttp import web
 from pydantic import TypeAdapter, ValidationError
 
-from gateway.admin.auth import actor_for
-from gateway.errors import AdminError, ConfigError, InvalidRequest, ModelgateError
+from gateway.admin.auth import actor_for, may
+from gateway.errors import AdminError, ConfigError, Forbidden, InvalidRequest, ModelgateError
 from gateway.schema import config_error
+from gateway.state import Actor
 
 log = logging.getLogger("modelgate.admin")
 T = TypeVar("T")
 ACTOR_KEY = web.RequestKey("actor", str)
 TOKENS_KEY: web.AppKey[dict[str, str]] = web.AppKey("tokens", dict)
+ROLES_KEY: web.AppKey[dict[str, str]] = web.AppKey("roles", dict)  # absent: operator
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -65,8 +67,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path.startswith("/admin/"):
-        request[ACTOR_KEY] = actor_for(request.headers.get("Authorization"),
-                                       request.app[TOKENS_KEY])
+        name = actor_for(request.headers.get("Authorization"), request.app[TOKENS_KEY])
+        role = request.app[ROLES_KEY].get(name, "operator")
+        if not may(role, request.method):
+            raise Forbidden(f"token {name!r} has the role {role!r}, which may only read "
+                            f"(GET); {request.method} {request.path} needs an operator token")
+        request[ACTOR_KEY] = Actor(name, role)
     return await handler(request)
 
 

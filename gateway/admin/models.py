@@ -279,6 +279,8 @@ class Event(_Open):
     before: dict[str, Any] | None
     after: dict[str, Any] | None
     reason: str | None
+    role: str | None = Field(default=None, description="the admin token's role; null for "
+                             "the controllers' events and events stored before roles")
 
 
 class EventList(_Open):

@@ -43,6 +43,9 @@ def register(sub: Any) -> None:
                         "the admin port + i")
     p.add_argument("--upstream", choices=UPSTREAM_KINDS, default="fast",
                    help="upstream client: fast (httptools keep-alive pool, default) or aiohttp")
+    p.add_argument("--insecure-admin", action="store_true",
+                   help="allow admin.listen on a non-loopback address without admin.tls (TLS "
+                        "terminates elsewhere, or the network keeps the port private)")
     add_log_arguments(p, default_format="json")
     # Set by the --workers supervisor (gateway/cluster/workers.py) and the demo's replicas.
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
@@ -111,7 +114,7 @@ def serve(args: argparse.Namespace) -> int:
     return run_server(args.config, workers=args.workers, upstream=args.upstream,
                       log_level=args.log_level, log_format=args.log_format,
                       worker_index=args.worker_index, worker_spec=args.worker_spec,
-                      supervisor_pid=args.supervisor_pid)
+                      supervisor_pid=args.supervisor_pid, insecure_admin=args.insecure_admin)
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -1,8 +1,9 @@
 """`modelgate demo`: two versions of the demo classifier behind one gateway, in one process.
 
-blue (v1) and green (v2) model servers start first (on 9001/9002 when free, else any free
-port), then the gateway from configs/demo.yaml with their ports filled in through
-``MODELGATE_BLUE_PORT``/``MODELGATE_GREEN_PORT``. Ctrl-C or SIGTERM stops the gateway
+blue (v1) and green (v2) model servers start first (on ``MODELGATE_BLUE_PORT`` /
+``MODELGATE_GREEN_PORT`` when set, which must then be free; else on 9001/9002 when free, else
+any free port, so two demos run side by side), then the gateway from configs/demo.yaml with
+their ports filled in through those two variables. Ctrl-C or SIGTERM stops the gateway
 (draining requests in flight) and then the model servers.
 
 ``--store redis://…`` keeps the routing state in that Redis (``MODELGATE_STORE``); ``--store
@@ -28,7 +29,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -163,8 +164,26 @@ def instructions(proxy_url: str, admin_url: str, model_urls: dict[str, str],
     return "\n".join(lines)
 
 
-async def _start_model(version: str, preferred: int) -> tuple[web.AppRunner, int]:
-    """On the well-known port when it is free (handy for curl), else on any free port."""
+def model_port_var(name: str) -> str:
+    return f"MODELGATE_{name.upper()}_PORT"
+
+
+def chosen_model_port(name: str, env: Mapping[str, str]) -> int | None:
+    """The port ``MODELGATE_<NAME>_PORT`` asks for (None: unset); ValueError if not a port."""
+    raw = env.get(model_port_var(name), "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or not 0 <= int(raw) <= 65535:
+        raise ValueError(f"{model_port_var(name)}: not a port: {raw!r}")
+    return int(raw)
+
+
+async def _start_model(version: str, preferred: int,
+                       chosen: int | None = None) -> tuple[web.AppRunner, int]:
+    """On the `chosen` port (from the environment; it must be free), else on the well-known
+    port when it is free (handy for curl), else on any free port."""
+    if chosen is not None:
+        return await start_model_server(version, "127.0.0.1", chosen)
     try:
         return await start_model_server(version, "127.0.0.1", preferred)
     except OSError:
@@ -476,9 +495,15 @@ async def demo(args: argparse.Namespace) -> int:
         model_ports: dict[str, int] = {}
         for name, (version, preferred) in MODEL_PORTS.items():
             try:
-                runner, port = await _start_model(version, preferred)
+                chosen = chosen_model_port(name, os.environ)
+                runner, port = await _start_model(version, preferred, chosen)
+            except ValueError as exc:
+                print(f"modelgate: {exc}", file=sys.stderr)
+                return 2
             except OSError as exc:
-                print(f"modelgate: cannot start the {name} model server: {exc}", file=sys.stderr)
+                where = f" on {model_port_var(name)}={chosen}" if chosen is not None else ""
+                print(f"modelgate: cannot start the {name} model server{where}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
                 return 1
             stack.push_async_callback(runner.cleanup)
             model_ports[name] = port
