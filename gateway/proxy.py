@@ -30,7 +30,7 @@ import orjson
 from gateway.errors import UpstreamError
 from gateway.metrics import Recorder
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
-from gateway.upstream import HOP_BY_HOP, Headers, UpstreamResponse
+from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
 log = logging.getLogger("modelgate.proxy")
 access_log = logging.getLogger("modelgate.access")
@@ -128,15 +128,31 @@ class Plan:
     """What `Proxy.plan` decided for one request: the route, the backend, the headers to
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
-    __slots__ = ("route", "backend", "headers", "rid", "request_id", "key", "path", "started")
+    __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
+                 "started")
     route: CompiledRoute
     backend: Backend
+    upstream: Upstream  # picked once: a request handed from the fast path keeps it
     headers: Headers
     rid: bytes
     request_id: str
     key: str | None
     path: str
     started: float
+
+
+class Resume:
+    """A request the fast path (gateway/server/fastpath.py) started and hands back to
+    `Proxy.handle`: planned, and maybe sent with the response head in (`resp`)."""
+
+    __slots__ = ("plan", "resp", "sent", "payload")
+
+    def __init__(self, plan: Plan, resp: UpstreamResponse | None = None, sent: float = 0.0,
+                 payload: bytes | None = None) -> None:
+        self.plan = plan
+        self.resp = resp
+        self.sent = sent
+        self.payload = payload
 
 
 class Refusal:
@@ -220,11 +236,17 @@ class Proxy:
         self.in_flight = 0
         self.access_log_sample = access_log_sample
 
-    async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
+    async def handle(self, request: ProxyRequest, sink: ResponseSink,
+                     resume: Resume | None = None) -> None:
         """Answer one request into `sink`; a bug in the gateway is a JSON 500, never a
-        traceback. Returns once the answer is written and the taps have run."""
+        traceback. Returns once the answer is written and the taps have run. `resume`: the
+        fast path planned (and maybe sent) it already."""
         try:
-            await self._proxy(request, sink)
+            if resume is None:
+                await self._proxy(request, sink)
+            else:
+                await self.forward(resume.plan, request, sink, resume.resp, resume.sent,
+                                   resume.payload)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
@@ -340,6 +362,7 @@ class Proxy:
         plan = Plan()
         plan.route = route
         plan.backend = backend
+        plan.upstream = backend.upstream()
         plan.headers = out
         plan.rid = rid
         plan.request_id = request_id
@@ -389,10 +412,9 @@ class Proxy:
                 body = _stream_body(body_in, route.max_body, too_large)
 
             if resp is None:
-                upstream = backend.upstream()
                 sent = time.perf_counter()
                 try:
-                    resp = await upstream.send(request.method, target, out, body,
+                    resp = await plan.upstream.send(request.method, target, out, body,
                                                route.timeouts, length)
                 except ValueError:
                     # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
@@ -564,11 +586,18 @@ class Proxy:
         return None
 
 
-async def _error(sink: ResponseSink, status: int, code: str, message: str,
-                 request_id: str | None, **extra: object) -> None:
+def error_response(status: int, code: str, message: str, request_id: str | None,
+                   **extra: object) -> tuple[str, Headers, bytes]:
+    """The gateway's own JSON answer: reason, headers (with Content-Length), body."""
     headers, body = error_body(status, code, message, request_id, **extra)
     headers.append((b"Content-Length", b"%d" % len(body)))
-    await sink.send(status, _REASONS.get(status, ""), headers, body)
+    return _REASONS.get(status, ""), headers, body
+
+
+async def _error(sink: ResponseSink, status: int, code: str, message: str,
+                 request_id: str | None, **extra: object) -> None:
+    reason, headers, body = error_response(status, code, message, request_id, **extra)
+    await sink.send(status, reason, headers, body)
 
 
 async def _too_large(sink: ResponseSink, route: CompiledRoute, request_id: str) -> None:
