@@ -22,15 +22,15 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import parse_qsl, unquote
 
 import orjson
 
 from gateway.errors import UpstreamError
 from gateway.metrics import Recorder
-from gateway.routing import CompiledRoute, Exchange, RoutingTable, cookie_value
-from gateway.upstream import HOP_BY_HOP, Headers, UpstreamResponse
+from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
+from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
 log = logging.getLogger("modelgate.proxy")
 access_log = logging.getLogger("modelgate.access")
@@ -124,6 +124,51 @@ class ProxyRequest:
         self.http11 = http11
 
 
+class Plan:
+    """What `Proxy.plan` decided for one request: the route, the backend, the headers to
+    forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
+
+    __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
+                 "started")
+    route: CompiledRoute
+    backend: Backend
+    upstream: Upstream  # picked once: a request handed from the fast path keeps it
+    headers: Headers
+    rid: bytes
+    request_id: str
+    key: str | None
+    path: str
+    started: float
+
+
+class Resume:
+    """A request the fast path (gateway/server/fastpath.py) started and hands back to
+    `Proxy.handle`: planned, and maybe sent with the response head in (`resp`)."""
+
+    __slots__ = ("plan", "resp", "sent", "payload")
+
+    def __init__(self, plan: Plan, resp: UpstreamResponse | None = None, sent: float = 0.0,
+                 payload: bytes | None = None) -> None:
+        self.plan = plan
+        self.resp = resp
+        self.sent = sent
+        self.payload = payload
+
+
+class Refusal:
+    """The gateway's own answer to a request it will not forward (`Proxy.plan`)."""
+
+    __slots__ = ("status", "code", "message", "request_id", "extra")
+
+    def __init__(self, status: int, code: str, message: str, request_id: str,
+                 extra: dict[str, object]) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+        self.extra = extra
+
+
 def error_body(status: int, code: str, message: str, request_id: str | None,
                **extra: object) -> tuple[Headers, bytes]:
     body: dict[str, object] = {"error": code, "message": message, **extra}
@@ -191,11 +236,17 @@ class Proxy:
         self.in_flight = 0
         self.access_log_sample = access_log_sample
 
-    async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
+    async def handle(self, request: ProxyRequest, sink: ResponseSink,
+                     resume: Resume | None = None) -> None:
         """Answer one request into `sink`; a bug in the gateway is a JSON 500, never a
-        traceback. Returns once the answer is written and the taps have run."""
+        traceback. Returns once the answer is written and the taps have run. `resume`: the
+        fast path planned (and maybe sent) it already."""
         try:
-            await self._proxy(request, sink)
+            if resume is None:
+                await self._proxy(request, sink)
+            else:
+                await self.forward(resume.plan, request, sink, resume.resp, resume.sent,
+                                   resume.payload)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception:
@@ -207,6 +258,17 @@ class Proxy:
             await sink.send(500, "Internal Server Error", headers, body)
 
     async def _proxy(self, request: ProxyRequest, sink: ResponseSink) -> None:
+        plan = self.plan(request)
+        if type(plan) is Refusal:
+            await _error(sink, plan.status, plan.code, plan.message, plan.request_id,
+                         **plan.extra)
+            return
+        await self.forward(cast(Plan, plan), request, sink)
+
+    def plan(self, request: ProxyRequest) -> Plan | Refusal:
+        """Everything decided before the backend is called, without awaiting: the forwarded
+        headers (one pass), the request id, the route and the backend; or the gateway's own
+        answer (400 bad path, 404, 413 by Content-Length)."""
         started = time.perf_counter()
         # One pass over the headers: what is forwarded, and the few values we need. One dict
         # lookup per header name; a forwarded header keeps its (name, value) tuple.
@@ -265,19 +327,18 @@ class Proxy:
         if ("/." in path or "%2" in path) and _has_dot_segment(unquote(path)):
             # We match "/public" on "/public/../internal" but the backend may resolve it to
             # "/internal": refuse rather than route on one path and serve another.
-            await _error(sink, 400, "bad_path", "'.' and '..' path segments are not allowed",
-                         request_id)
-            return
+            return Refusal(400, "bad_path", "'.' and '..' path segments are not allowed",
+                           request_id, {})
         route = self.table.match(host_text, path)
         if route is None:
-            await _error(sink, 404, "no_route", f"no route matches {path}", request_id)
-            return
+            return Refusal(404, "no_route", f"no route matches {path}", request_id, {})
 
         body_in = request.body
         length = body_in.length if body_in is not None else None
         if length is not None and length > route.max_body:
-            await _too_large(sink, route, request_id)
-            return
+            return Refusal(413, "body_too_large",
+                           f"request body over the route's limit of {route.max_body} bytes",
+                           request_id, {"route": route.name})
 
         key = _sticky_key(route, request.headers, target, query_at) if route.sticky else None
         override = None
@@ -285,7 +346,6 @@ class Proxy:
             raw = header_value(request.headers, route.override_name)
             override = _text(raw) if raw is not None else None
         backend = route.pick(key, override)
-        stats = backend.stats
 
         peer = request.peer.encode()
         out.append((b"X-Forwarded-For",
@@ -299,6 +359,34 @@ class Proxy:
         else:
             out.append((REQUEST_ID, rid))
 
+        plan = Plan()
+        plan.route = route
+        plan.backend = backend
+        plan.upstream = backend.upstream()
+        plan.headers = out
+        plan.rid = rid
+        plan.request_id = request_id
+        plan.key = key
+        plan.path = path
+        plan.started = started
+        return plan
+
+    async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
+                      resp: UpstreamResponse | None = None, sent: float = 0.0,
+                      payload: bytes | None = None) -> None:
+        """Call the backend as planned and write its answer; then the bookkeeping and taps.
+
+        With `resp`, the backend was already called (by the fast path, with `payload` as the
+        body, at `sent`) and its response head is in: only the answer is left to stream."""
+        route = plan.route
+        backend = plan.backend
+        stats = backend.stats
+        out = plan.headers
+        rid = plan.rid
+        request_id = plan.request_id
+        target = request.target
+        body_in = request.body
+        length = body_in.length if body_in is not None else None
         rec_in_flight = self.recorder.in_flight
         self.in_flight += 1
         rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
@@ -307,7 +395,9 @@ class Proxy:
         try:
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
-            if body_in is None:
+            if resp is not None:
+                body = payload
+            elif body_in is None:
                 body = None
             elif route.needs_request_body or (
                 length is not None and length <= BUFFER_REQUEST_UP_TO
@@ -321,47 +411,39 @@ class Proxy:
             else:
                 body = _stream_body(body_in, route.max_body, too_large)
 
-            upstream = backend.upstream()
-            sent = time.perf_counter()
-            try:
-                resp = await upstream.send(request.method, target, out, body, route.timeouts,
-                                           length)
-            except ValueError:
-                # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
-                # through aiohttp's client): the client's request is at fault.
-                status = 400
-                await _error(sink, 400, "bad_header", "a request header cannot be forwarded",
-                             request_id, route=route.name)
-                return
-            except (UpstreamError, BodyTooLarge) as exc:
-                # An upstream may let our own body iterator's BodyTooLarge through untranslated.
-                if too_large or not isinstance(exc, UpstreamError):
-                    status = 413
-                    await _too_large(sink, route, request_id)
+            if resp is None:
+                sent = time.perf_counter()
+                try:
+                    resp = await plan.upstream.send(request.method, target, out, body,
+                                               route.timeouts, length)
+                except ValueError:
+                    # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
+                    # through aiohttp's client): the client's request is at fault.
+                    status = 400
+                    await _error(sink, 400, "bad_header",
+                                 "a request header cannot be forwarded", request_id,
+                                 route=route.name)
                     return
-                status = exc.status
-                stats.upstream_error(exc.kind)
-                log.warning("upstream %s of route %s failed: %s", backend.name, route.name, exc)
-                code = "upstream_timeout" if status == 504 else "upstream_unavailable"
-                await _error(sink, status, code, f"backend {backend.name!r}: {exc.kind}",
-                             request_id, route=route.name, backend=backend.name)
-                return
-
-            stats.upstream_time(time.perf_counter() - sent)
+                except (UpstreamError, BodyTooLarge) as exc:
+                    # An upstream may let our own body iterator's BodyTooLarge through
+                    # untranslated.
+                    if too_large or not isinstance(exc, UpstreamError):
+                        status = 413
+                        await _too_large(sink, route, request_id)
+                        return
+                    status = exc.status
+                    stats.upstream_error(exc.kind)
+                    log.warning("upstream %s of route %s failed: %s", backend.name, route.name,
+                                exc)
+                    code = "upstream_timeout" if status == 504 else "upstream_unavailable"
+                    await _error(sink, status, code, f"backend {backend.name!r}: {exc.kind}",
+                                 request_id, route=route.name, backend=backend.name)
+                    return
+                stats.upstream_time(time.perf_counter() - sent)
             status = resp.status
             if route.taps:
-                exchange = Exchange()
-                exchange.route = route.name
-                exchange.backend = backend.name
-                exchange.request_id = request_id
-                exchange.method = request.method
-                exchange.target = target
-                exchange.request_headers = out
-                exchange.request_body = body if isinstance(body, bytes) else None
-                exchange.sticky_key = key
-                exchange.status = status
-                exchange.started = started
-                exchange.response_headers = resp.headers
+                exchange = self.exchange(plan, request, status, resp.headers,
+                                         body if isinstance(body, bytes) else None)
             failure = await self._respond(request, sink, route, resp, rid, exchange)
             if failure is not None:  # the backend broke mid-body: an error for gates/alarms
                 status = failure.status
@@ -370,25 +452,49 @@ class Proxy:
                     exchange.status = status
         finally:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
-            latency = time.perf_counter() - started
-            if status:
-                stats.observe(status, latency)
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
-            if exchange is not None:
-                exchange.latency = latency
-                for tap in route.taps:
-                    try:
-                        tap(exchange)
-                    except Exception:
-                        log.exception("tap failed on route %s", route.name)
-            if self.access_log_sample and random.random() < self.access_log_sample:
-                access_log.info(
-                    "request", extra={"request_id": request_id, "route": route.name,
-                                      "backend": backend.name, "status": status,
-                                      "latency_ms": round(latency * 1000, 3),
-                                      "method": request.method, "path": path},
-                )
+            self.finished(plan, request, status, exchange)
+
+    @staticmethod
+    def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
+                 body: bytes | None) -> Exchange:
+        """What the route's taps will see of this request (the response body comes later)."""
+        exchange = Exchange()
+        exchange.route = plan.route.name
+        exchange.backend = plan.backend.name
+        exchange.request_id = plan.request_id
+        exchange.method = request.method
+        exchange.target = request.target
+        exchange.request_headers = plan.headers
+        exchange.request_body = body
+        exchange.sticky_key = plan.key
+        exchange.status = status
+        exchange.started = plan.started
+        exchange.response_headers = response_headers
+        return exchange
+
+    def finished(self, plan: Plan, request: ProxyRequest, status: int,
+                 exchange: Exchange | None) -> None:
+        """The client has its answer (or is gone): metrics, taps, the sampled access log."""
+        latency = time.perf_counter() - plan.started
+        route = plan.route
+        if status:
+            plan.backend.stats.observe(status, latency)
+        if exchange is not None:
+            exchange.latency = latency
+            for tap in route.taps:
+                try:
+                    tap(exchange)
+                except Exception:
+                    log.exception("tap failed on route %s", route.name)
+        if self.access_log_sample and random.random() < self.access_log_sample:
+            access_log.info(
+                "request", extra={"request_id": plan.request_id, "route": route.name,
+                                  "backend": plan.backend.name, "status": status,
+                                  "latency_ms": round(latency * 1000, 3),
+                                  "method": request.method, "path": plan.path},
+            )
 
     @staticmethod
     def _response_headers(resp: UpstreamResponse, rid: bytes) -> tuple[Headers, bool]:
@@ -480,11 +586,18 @@ class Proxy:
         return None
 
 
-async def _error(sink: ResponseSink, status: int, code: str, message: str,
-                 request_id: str | None, **extra: object) -> None:
+def error_response(status: int, code: str, message: str, request_id: str | None,
+                   **extra: object) -> tuple[str, Headers, bytes]:
+    """The gateway's own JSON answer: reason, headers (with Content-Length), body."""
     headers, body = error_body(status, code, message, request_id, **extra)
     headers.append((b"Content-Length", b"%d" % len(body)))
-    await sink.send(status, _REASONS.get(status, ""), headers, body)
+    return _REASONS.get(status, ""), headers, body
+
+
+async def _error(sink: ResponseSink, status: int, code: str, message: str,
+                 request_id: str | None, **extra: object) -> None:
+    reason, headers, body = error_response(status, code, message, request_id, **extra)
+    await sink.send(status, reason, headers, body)
 
 
 async def _too_large(sink: ResponseSink, route: CompiledRoute, request_id: str) -> None:

@@ -71,15 +71,16 @@ BACKEND_BODY = (
     '"outputs":[{"name":"label","datatype":"BYTES","shape":[1],"data":["setosa"]}]}'
 )
 USERS = 1000  # distinct x-user-id values, so the sticky split hashes real keys
-# modelgate targets: (proxy server, upstream client). `modelgate` is the default build.
+# modelgate targets: (proxy server, upstream client). `modelgate` is the default build (fast
+# server + fast upstream); `modelgate-fast` is the aiohttp server with the fast upstream (the
+# old default, issue #9's `--upstream fast`); `modelgate-aiohttp` is aiohttp both ways.
 MODELGATE = {
     "modelgate": ("fast", "fast"),
-    "modelgate-fast": ("fast", "fast"),
-    "modelgate-aiohttp-server": ("aiohttp", "fast"),
+    "modelgate-fast": ("aiohttp", "fast"),
     "modelgate-aiohttp": ("aiohttp", "aiohttp"),
 }
 TARGETS = ("direct", "nginx", *MODELGATE)
-DEFAULT_TARGETS = ("direct", "nginx", "modelgate", "modelgate-aiohttp-server")
+DEFAULT_TARGETS = ("direct", "nginx", "modelgate", "modelgate-fast")
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 PROXY_CPU = "0"  # the proxy under test
 LOAD_CPU = "1"  # backend, load generator, wrk

@@ -12,6 +12,10 @@ How it is put together:
   keep-alive connection owns no task. The connection is also the `ResponseSink` of the
   request being answered: writes go straight to the transport, so a buffered answer is on
   the wire before the proxy runs its taps.
+- The common exchange skips the Task: a request received whole in one read, on a connection
+  with nothing else to answer, goes to `fastpath.answer` from `on_message_complete`, which
+  answers it from the backend connection's callbacks when it can (see gateway/server/
+  fastpath.py) and otherwise hands it back (`resume`) to the Task, with what it decided.
 - Limits are checked in the parser callbacks: request target (414), header count and bytes
   (431); the route's body limit is the proxy's (413, counted while streaming).
 - Flow control both ways. Reading: a request body waiting for its consumer (the proxy,
@@ -40,7 +44,8 @@ import httptools
 import orjson
 
 from gateway.config import ServerConfig
-from gateway.proxy import ClientGone, Proxy, ProxyRequest
+from gateway.proxy import BUFFER_REQUEST_UP_TO, ClientGone, Proxy, ProxyRequest, Resume
+from gateway.server import fastpath
 from gateway.server.tls import tls_context
 from gateway.upstream import Headers
 
@@ -140,7 +145,7 @@ class _Connection(asyncio.Protocol):
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
         "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
-        "_msg_keep_alive",
+        "_msg_keep_alive", "_pending", "fast",
     )
 
     def __init__(self, server: FastServer) -> None:
@@ -155,7 +160,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0  # 0: not waiting on the client
         self.reading_paused = False
-        self.queue: deque[tuple[ProxyRequest, bool]] = deque()
+        self.queue: deque[tuple[ProxyRequest, bool, Resume | None]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # close once the current answer is written
         self.in_headers = False
@@ -177,6 +182,9 @@ class _Connection(asyncio.Protocol):
         self._discarded = 0
         self._answering: ProxyRequest | None = None
         self._msg_keep_alive = True
+        # A request that may take the fast path once its message completes in this read.
+        self._pending: tuple[ProxyRequest, bool] | None = None
+        self.fast: fastpath.FastExchange | None = None  # the fast-path exchange in flight
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -199,7 +207,7 @@ class _Connection(asyncio.Protocol):
         body = self._body
         if body is not None:
             body.fail()
-        for request, _ in self.queue:
+        for request, _, _ in self.queue:
             if request.body is not None:
                 cast(_Body, request.body).fail()
         self.queue.clear()
@@ -228,10 +236,16 @@ class _Connection(asyncio.Protocol):
             self._reject(400, "bad_request", "invalid method")
         except httptools.HttpParserError as exc:
             self._reject(400, "bad_request", f"malformed request: {exc}")
+        pending = self._pending
+        if pending is not None:
+            # Its body did not all come in this read: the Task path, as for any streamed body.
+            self._pending = None
+            if not self.closed:
+                self.resume(pending[0], pending[1], None)
 
     def eof_received(self) -> bool | None:
         # The client half-closed: finish what was asked (its answers still go out), then close.
-        if self.task is None and not self.queue:
+        if self.task is None and not self.queue and self.fast is None:
             return None  # transport closes
         self.closing = True
         return True
@@ -301,8 +315,15 @@ class _Connection(asyncio.Protocol):
         keep_alive = self._msg_keep_alive = parser.should_keep_alive() and not self.closing
         request = ProxyRequest(method, self._url.decode("latin-1"), self._headers, body,
                                self.peer, self.tls, http11)
-        self.queue.append((request, keep_alive))
-        if self.task is None:
+        if (self.task is None and self.fast is None and not self.queue
+                and not self._write_paused and method != "HEAD"
+                and (body is None or (not self._chunked and not self._expect
+                                      and length is not None and length <= BUFFER_REQUEST_UP_TO))
+                and not parser.should_upgrade()):
+            self._pending = (request, keep_alive)  # decided in on_message_complete
+            return
+        self.queue.append((request, keep_alive, None))
+        if self.task is None and self.fast is None:
             self.task = self.loop.create_task(self._run())
         elif len(self.queue) >= MAX_PIPELINED:
             self.update_reading()
@@ -331,6 +352,10 @@ class _Connection(asyncio.Protocol):
             body.finish()
         if not self._msg_keep_alive:
             self._stop_reading()  # the last request asked to close: nothing more is read
+        pending = self._pending
+        if pending is not None:
+            self._pending = None
+            fastpath.answer(self, self.proxy, pending[0], pending[1])
 
     # -- the request loop --------------------------------------------------------------------
 
@@ -339,16 +364,12 @@ class _Connection(asyncio.Protocol):
         queue = self.queue
         try:
             while queue and not self.closed:
-                request, keep_alive = queue.popleft()
+                request, keep_alive, resume = queue.popleft()
                 if self.reading_paused:
                     self.update_reading()
-                self._answering = request
-                self._out_keep_alive = keep_alive and not self.closing
-                self._out_http11 = request.http11
-                self._head_only = request.method == "HEAD"
-                self._out_chunked = False
+                self.begin_answer(request, keep_alive)
                 try:
-                    await proxy.handle(request, self)
+                    await proxy.handle(request, self, resume)
                 except ConnectionError:
                     self._close(abort=True)
                     return
@@ -373,6 +394,35 @@ class _Connection(asyncio.Protocol):
                 self.deadline = self.loop.time() + self.config.keepalive_timeout
         finally:
             self.task = None
+
+    # -- the fast path's side (gateway/server/fastpath.py) --------------------------------
+
+    def begin_answer(self, request: ProxyRequest, keep_alive: bool) -> None:
+        self._answering = request
+        self._out_keep_alive = keep_alive and not self.closing
+        self._out_http11 = request.http11
+        self._head_only = request.method == "HEAD"
+        self._out_chunked = False
+
+    def resume(self, request: ProxyRequest, keep_alive: bool, resume: Resume | None) -> None:
+        """Answer `request` in the Task after all, first in line."""
+        self.fast = None
+        self.queue.appendleft((request, keep_alive, resume))
+        if self.task is None:
+            self.task = self.loop.create_task(self._run())
+
+    def fast_done(self, request: ProxyRequest) -> None:
+        """The fast path wrote its answer: what `_run` does after each answer."""
+        self.fast = None
+        self._answering = None
+        if not self._out_keep_alive or self.closed:
+            self._after_last(request)
+        elif self.queue:
+            self.task = self.loop.create_task(self._run())  # pipelined requests wait
+        elif self.closing:
+            self._close()
+        elif not self.in_headers and self._body is None:
+            self.deadline = self.loop.time() + self.config.keepalive_timeout
 
     def _after_last(self, request: ProxyRequest) -> None:
         """The connection ends after this answer."""
@@ -434,7 +484,8 @@ class _Connection(asyncio.Protocol):
     def _reject(self, status: int, code: str, message: str) -> None:
         """A request we cannot parse or accept: answer it (if nothing is being answered,
         else just close) and close."""
-        if self.task is None and not self.queue and not self.closed and self.transport:
+        if (self.task is None and not self.queue and self.fast is None and self._pending is None
+                and not self.closed and self.transport):
             body = orjson.dumps({"error": code, "message": message})
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
@@ -444,7 +495,7 @@ class _Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The sweep found the deadline passed."""
-        if self.in_headers and self.task is None and not self.queue:
+        if self.in_headers and self.task is None and not self.queue and self.fast is None:
             self._reject(408, "request_timeout", "the request head took too long")
             return
         body = self._body
@@ -455,7 +506,7 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """The server is stopping: close now if idle, else after the current answer."""
         self.closing = True
-        if self.task is None and not self.queue and not self.in_headers:
+        if self.task is None and not self.queue and not self.in_headers and self.fast is None:
             self._close()
 
     # -- ResponseSink (of the request being answered) -----------------------------------------
@@ -478,6 +529,11 @@ class _Connection(asyncio.Protocol):
         return b"".join(parts)
 
     async def send(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        self.answer_now(status, reason, headers, body)
+        if self._write_paused and not self.closed:
+            await self._drain()
+
+    def answer_now(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         if self.closed:
             return
         transport = self.transport
@@ -489,8 +545,6 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body)
         else:
             transport.writelines((head, body))
-        if self._write_paused:
-            await self._drain()
 
     async def send_head(self, status: int, reason: str, headers: Headers) -> None:
         if self.closed:

@@ -35,7 +35,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import cast
+from typing import Protocol, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -55,6 +55,21 @@ COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _SPECIAL_LENGTHS = frozenset({4, 14, 17})  # len("host"), len("content-length"), ...
+
+class ResponseListener(Protocol):
+    """Who gets a response without awaiting it (`FastUpstream.try_start`): the callbacks run
+    inside the connection's parser callbacks, so they must not block or await."""
+
+    def response_head(self, conn: _Conn, resp: FastResponse) -> None:
+        """The head is in. To take the body as it streams, set `conn.listener = None` and
+        consume `resp` like one from `send()`; else the body is buffered whole."""
+
+    def response_done(self, resp: FastResponse) -> None:
+        """The whole response is in (`resp.body_now()`); the connection is back in the pool."""
+
+    def response_failed(self, exc: UpstreamError, got_bytes: bool) -> None:
+        """No (complete) response: the connection is dropped; `got_bytes`: any byte came."""
+
 
 # _Conn.state
 _NEW, _ACTIVE, _IDLE, _DEAD = 0, 1, 2, 3
@@ -94,6 +109,18 @@ class FastResponse:
 
     def __repr__(self) -> str:
         return f"<FastResponse {self.status} {self.reason}>"
+
+    def buffer_all(self) -> None:
+        """The whole body will be taken at once: no read flow control."""
+        self._read_all = True
+
+    def body_now(self) -> bytes:
+        """The body received so far (all of it once complete), without awaiting."""
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        return body
 
     async def read(self) -> bytes:
         """The whole body (then the connection is reused)."""
@@ -189,7 +216,7 @@ class _Conn(asyncio.Protocol):
         "pool", "loop", "transport", "parser", "state", "closed", "idle_since", "deadline",
         "read_timeout", "got_bytes", "reading_paused", "_head_waiter", "_drain_waiter",
         "_write_paused", "_writing", "_head_only", "resp", "_reason", "_headers",
-        "_content_length", "_chunked", "_informational", "_keep_alive", "_msg_done",
+        "_content_length", "_chunked", "_informational", "_keep_alive", "_msg_done", "listener",
     )
 
     def __init__(self, pool: FastUpstream, loop: asyncio.AbstractEventLoop) -> None:
@@ -217,6 +244,7 @@ class _Conn(asyncio.Protocol):
         self._informational = False
         self._keep_alive = False
         self._msg_done = False
+        self.listener: ResponseListener | None = None  # a request sent by try_start
 
     # asyncio.Protocol
 
@@ -225,7 +253,7 @@ class _Conn(asyncio.Protocol):
         self.pool._open.add(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_waiter is None and self.resp is None:
+        if self._head_waiter is None and self.resp is None and self.listener is None:
             # Bytes nobody asked for (an idle connection, or after a complete response): the
             # server is confused or closing. Don't reuse the connection.
             self._drop()
@@ -302,11 +330,14 @@ class _Conn(asyncio.Protocol):
             self._informational = True  # 100 Continue, 103 Early Hints...: wait for the next
             return
         waiter = self._head_waiter
-        if waiter is None or waiter.done():
-            # The request was cancelled: its connection must not be reused (nor its answer
-            # completing the message put it back in the pool under the canceller's feet).
-            raise _ProtocolViolation("response to an abandoned request")
-        self._head_waiter = None
+        listener = self.listener
+        if listener is None:
+            if waiter is None or waiter.done():
+                # The request was cancelled: its connection must not be reused (nor its
+                # answer completing the message put it back in the pool under the canceller's
+                # feet).
+                raise _ProtocolViolation("response to an abandoned request")
+            self._head_waiter = None
         self._keep_alive = self.parser.should_keep_alive()
         length = None if self._chunked else self._content_length
         reason = self._reason.decode("latin-1")  # exact: the server encodes it back
@@ -318,7 +349,11 @@ class _Conn(asyncio.Protocol):
             # llhttp would also call a HEAD answer without a length close-delimited.
             self._msg_done = True
             self._keep_alive = _keep_alive(self.parser.get_http_version(), self._headers)
-        waiter.set_result(resp)
+        if listener is not None:
+            listener.response_head(self, resp)
+        else:
+            assert waiter is not None
+            waiter.set_result(resp)
 
     def on_body(self, body: bytes) -> None:
         resp = self.resp
@@ -444,6 +479,16 @@ class _Conn(asyncio.Protocol):
 
     def fail(self, exc: UpstreamError) -> None:
         """Fail whatever waits on this connection and drop it."""
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            resp = self.resp
+            self.resp = None
+            if resp is not None:
+                resp._fail(exc)
+            self._drop(abort=True)
+            listener.response_failed(exc, self.got_bytes)
+            return
         waiter = self._head_waiter
         if waiter is not None:
             self._head_waiter = None
@@ -462,6 +507,8 @@ class _Conn(asyncio.Protocol):
         if resp is not None:
             self.resp = None
             resp._feed_eof()
+        listener = self.listener
+        self.listener = None
         self.deadline = 0.0
         transport = self.transport
         assert transport is not None
@@ -469,13 +516,15 @@ class _Conn(asyncio.Protocol):
                 or transport.get_write_buffer_size()):
             # Not reusable: the server said close, or answered before our body was all sent.
             self._drop(abort=bool(transport.get_write_buffer_size()))
-            return
-        if self._head_only:
-            self.parser = httptools.HttpResponseParser(self)  # it still expects a body
-        if self.reading_paused:
-            self.reading_paused = False
-            transport.resume_reading()
-        self.pool._release(self)
+        else:
+            if self._head_only:
+                self.parser = httptools.HttpResponseParser(self)  # it still expects a body
+            if self.reading_paused:
+                self.reading_paused = False
+                transport.resume_reading()
+            self.pool._release(self)
+        if listener is not None and resp is not None:
+            listener.response_done(resp)
 
     def _drop(self, abort: bool = False) -> None:
         if not self.closed:
@@ -566,6 +615,41 @@ class FastUpstream:
                     fresh = True
                     continue
                 raise
+
+    def try_start(self, method: str, target: str, headers: Headers, payload: bytes | None,
+                  read_timeout: float, listener: ResponseListener) -> bool:
+        """Send a request on an idle connection without awaiting; `listener` gets the response
+        (the fast path, gateway/server/fastpath.py). False, having sent nothing, when no idle
+        connection is free: then `send()` is the way. The read timeout is the sweep's, as for
+        `send()`. Raises ValueError like `send()` for a header that cannot be written."""
+        if not self._idle or self._slots >= MAX_ACTIVE:
+            return False
+        if payload is None:
+            framing = b"Content-Length: 0\r\n" if method in _BODY_METHODS else b""
+        else:
+            framing = b"Content-Length: %d\r\n" % len(payload)
+        head = self._head(method, target, headers, framing)
+        conn = self._take_idle()
+        if conn is None:
+            return False
+        loop = conn.loop
+        if self._sweeper is None:
+            self._sweeper = loop.create_task(self._sweep())
+        conn.got_bytes = False
+        conn.read_timeout = read_timeout
+        conn._head_only = method == "HEAD"
+        conn.listener = listener
+        transport = conn.transport
+        assert transport is not None
+        if payload is None:
+            transport.write(head)
+        elif len(payload) <= COALESCE:
+            transport.write(head + payload)
+        else:
+            transport.writelines((head, payload))
+        if not conn.closed and not conn.reading_paused:
+            conn.deadline = loop.time() + read_timeout
+        return True
 
     async def close(self) -> None:
         """Close every connection and stop the sweep task."""
@@ -764,4 +848,4 @@ class FastUpstream:
                 return
 
 
-__all__ = ["FastResponse", "FastUpstream"]
+__all__ = ["FastResponse", "FastUpstream", "ResponseListener"]

@@ -1,0 +1,204 @@
+"""The fast path: the common exchange answered from protocol callbacks, without a Task.
+
+When it applies (checked in order; anything else is `Proxy.handle` in a Task, as before):
+
+- the fast server parsed the whole request in one read, with no body or a Content-Length body
+  of at most `BUFFER_REQUEST_UP_TO` (not chunked, no 100-continue, not HEAD, no Upgrade), and
+  the connection is not answering another request nor waiting for the client to read;
+- `Proxy.plan` forwards it (a refusal, 400/404/413, goes the Task path: rare, and written once);
+- the planned upstream is a `FastUpstream` with an idle keep-alive connection free.
+
+Then the request head and body go out in one write (`FastUpstream.try_start`) and this
+`FastExchange` is the connection's response listener. When the response is complete and it
+had a Content-Length of at most `BUFFER_RESPONSE_UP_TO` (or a bodiless status), the client's
+answer is written in one write, the metrics observed and the taps run, all inside the
+backend connection's parser callback. Why: per request this saves the Task, its steps and
+~9 coroutine layers, a third of the gateway's CPU (/work/shared/PERF-NOTES.md).
+
+Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly:
+- a response head announcing a streamed, chunked or large body: the Task streams it on;
+- a reused connection that failed before any byte came back (the backend closed it while
+  idle): the Task sends again, like `FastUpstream.send`'s retry.
+Other failures are answered here as the Task path would: 502/504 before the head, the same
+error after a broken body. Timeouts need no timer: the pool's deadline sweep fails a
+connection whose backend is silent past the route's read timeout (`_Conn.timed_out`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Protocol, cast
+
+from gateway.errors import UpstreamError, UpstreamResetError
+from gateway.proxy import (
+    BUFFER_RESPONSE_UP_TO,
+    Plan,
+    Proxy,
+    ProxyRequest,
+    Resume,
+    error_response,
+)
+from gateway.upstream import Headers
+from gateway.upstream.fastpool import FastResponse, FastUpstream, _Conn
+
+log = logging.getLogger("modelgate.proxy")
+
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+class Client(Protocol):
+    """What the fast path needs of the client connection (gateway/server/fast.py)."""
+
+    fast: FastExchange | None  # the exchange in flight on this connection
+
+    def begin_answer(self, request: ProxyRequest, keep_alive: bool) -> None: ...
+
+    def answer_now(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
+        """Write a whole answer (as `ResponseSink.send`, without waiting for a slow reader)."""
+
+    def fast_done(self, request: ProxyRequest) -> None:
+        """The answer is written: go on with the connection (next request, keep-alive...)."""
+
+    def resume(self, request: ProxyRequest, keep_alive: bool, resume: Resume | None) -> None:
+        """Answer `request` through `Proxy.handle` in the connection's Task after all."""
+
+
+class BufferedBody(Protocol):
+    """The fast server's request body, all received: its chunks are taken as they are."""
+
+    chunks: deque[bytes]
+    buffered: int
+
+
+class FastExchange:
+    """One request answered on the fast path; the backend connection's `ResponseListener`."""
+
+    __slots__ = ("client", "proxy", "request", "keep_alive", "plan", "payload", "sent", "resp")
+
+    def __init__(self, client: Client, proxy: Proxy, request: ProxyRequest,
+                 keep_alive: bool, plan: Plan, payload: bytes | None) -> None:
+        self.client = client
+        self.proxy = proxy
+        self.request = request
+        self.keep_alive = keep_alive
+        self.plan = plan
+        self.payload = payload
+        self.sent = 0.0
+        self.resp: FastResponse | None = None
+
+    # -- the backend connection's callbacks ---------------------------------------------------
+
+    def response_head(self, conn: _Conn, resp: FastResponse) -> None:
+        self.plan.backend.stats.upstream_time(time.perf_counter() - self.sent)
+        length = resp.content_length
+        if resp.status in _NO_BODY_STATUS or (
+                length is not None and length <= BUFFER_RESPONSE_UP_TO):
+            self.resp = resp
+            resp.buffer_all()
+            return
+        # A body to stream: the Task takes this response over (upstream time is recorded).
+        conn.listener = None
+        self._uncount()
+        self.client.resume(self.request, self.keep_alive,
+                           Resume(self.plan, resp, self.sent, self.payload))
+
+    def response_done(self, resp: FastResponse) -> None:
+        plan = self.plan
+        request = self.request
+        proxy = self.proxy
+        client = self.client
+        status = resp.status
+        headers, _ = Proxy._response_headers(resp, plan.rid)
+        exchange = (proxy.exchange(plan, request, status, resp.headers, self.payload)
+                    if plan.route.taps else None)
+        if status in _NO_BODY_STATUS:
+            resp.body_now()
+            client.answer_now(status, resp.reason, headers, b"")
+        else:
+            body = resp.body_now()
+            if exchange is not None:
+                exchange.response_body = body
+            client.answer_now(status, resp.reason, headers, body)
+        self._uncount()
+        proxy.finished(plan, request, status, exchange)
+        client.fast_done(request)
+
+    def response_failed(self, exc: UpstreamError, got_bytes: bool) -> None:
+        plan = self.plan
+        request = self.request
+        resp = self.resp
+        self._uncount()
+        if resp is None and not got_bytes and isinstance(exc, UpstreamResetError):
+            # A reused connection the backend had closed: the Task sends again.
+            if self.payload is not None:
+                cast(BufferedBody, request.body).chunks.append(self.payload)
+            self.client.resume(request, self.keep_alive, Resume(plan))
+            return
+        route = plan.route
+        backend = plan.backend
+        status = exc.status
+        backend.stats.upstream_error(exc.kind)
+        code = "upstream_timeout" if status == 504 else "upstream_unavailable"
+        exchange = None
+        if resp is None:
+            log.warning("upstream %s of route %s failed: %s", backend.name, route.name, exc)
+            reason, headers, body = error_response(
+                status, code, f"backend {backend.name!r}: {exc.kind}", plan.request_id,
+                route=route.name, backend=backend.name)
+        else:  # the body broke off
+            reason, headers, body = error_response(
+                status, code, f"backend failed while sending its body: {exc.kind}",
+                plan.request_id, route=route.name)
+            if route.taps:
+                exchange = self.proxy.exchange(plan, request, status, resp.headers,
+                                               self.payload)
+        self.client.answer_now(status, reason, headers, body)
+        self.proxy.finished(plan, request, status, exchange)
+        self.client.fast_done(request)
+
+    def _uncount(self) -> None:
+        proxy = self.proxy
+        proxy.in_flight -= 1
+        proxy.recorder.in_flight[self.plan.route.name] -= 1
+
+
+def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool) -> None:
+    """Answer a fully received request: on the fast path if it applies (module docstring),
+    else through `Proxy.handle` in the connection's Task."""
+    plan = proxy.plan(request)
+    if type(plan) is not Plan:
+        client.resume(request, keep_alive, None)
+        return
+    upstream = plan.upstream
+    if type(upstream) is not FastUpstream:
+        client.resume(request, keep_alive, Resume(plan))
+        return
+    body = cast(BufferedBody | None, request.body)
+    payload: bytes | None = None
+    if body is not None:
+        chunks = body.chunks
+        payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    exchange = FastExchange(client, proxy, request, keep_alive, plan, payload)
+    client.begin_answer(request, keep_alive)
+    exchange.sent = time.perf_counter()
+    try:
+        started = upstream.try_start(request.method, request.target, plan.headers, payload,
+                                     plan.route.timeouts.read, exchange)
+    except ValueError:
+        started = False  # a header that cannot be written: the Task path answers 400
+    if not started:
+        client.resume(request, keep_alive, Resume(plan))
+        return
+    if body is not None:
+        body.chunks.clear()
+        body.buffered = 0
+    route_name = plan.route.name
+    proxy.in_flight += 1
+    in_flight = proxy.recorder.in_flight
+    in_flight[route_name] = in_flight.get(route_name, 0) + 1
+    client.fast = exchange
+
+
+__all__ = ["FastExchange", "answer"]

@@ -1,0 +1,144 @@
+"""The fast path (gateway/server/fastpath.py): taken for the common exchange, and every way
+out of it behaves like the Task path: a silent backend is a 504 at the route's read timeout
+(no timer: the pool's sweep), a stale idle connection is retried, a streamed response is
+handed to the Task. The fast server + fast upstream only: the path exists nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.server import fastpath
+from tests import helpers
+from tests.helpers import running_gateway
+from tests.test_proxy import assert_json_error, config, raw_server, read_head, route
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
+
+
+@pytest.fixture(autouse=True)
+def calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """Which of the fast exchange's callbacks ran, by name."""
+    monkeypatch.setattr(helpers, "DEFAULT_SERVER", "fast")
+    seen: Counter[str] = Counter()
+    for name in ("response_head", "response_done", "response_failed"):
+        original = getattr(fastpath.FastExchange, name)
+
+        def spy(self: Any, *args: Any, _name: str = name, _original: Callable[..., Any] = original
+                ) -> Any:
+            seen[_name] += 1
+            return _original(self, *args)
+
+        monkeypatch.setattr(fastpath.FastExchange, name, spy)
+    return seen
+
+
+def nth_request(answers: list[Callable[[asyncio.StreamWriter], Any] | None]) -> Any:
+    """A backend connection handler answering its requests in turn; None: never answer."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for answer in answers:
+            head = await read_head(reader)
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            if answer is None:
+                await reader.read()  # until the gateway gives up and closes
+                return
+            result = answer(writer)
+            if asyncio.iscoroutine(result):
+                await result
+            await writer.drain()
+
+    return handler
+
+
+def ok(writer: asyncio.StreamWriter) -> None:
+    writer.write(OK)
+
+
+async def test_common_exchange_takes_the_fast_path(calls: Counter[str]) -> None:
+    async with raw_server(nth_request([ok] * 5)) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        for i in range(5):
+            r = await gw.client.post("/x", content=b'{"n":%d}' % i,
+                                     headers={"X-Request-ID": f"id-{i}"})
+            assert r.status_code == 200 and r.json() == {"ok": True}
+            assert r.headers["x-request-id"] == f"id-{i}"
+    # The first request opened the connection (Task path); the others reused it.
+    assert calls["response_done"] >= 3
+    assert calls["response_failed"] == 0
+
+
+async def test_silent_backend_is_504_at_the_read_timeout(calls: Counter[str]) -> None:
+    cfg = config(route("slow", "/", "http://unused", timeouts={"read": "300ms"}))
+    async with raw_server(nth_request([ok, None])) as url:
+        cfg["routes"][0]["backends"]["main"]["url"] = url
+        async with running_gateway(cfg) as gw:
+            assert (await gw.client.post("/x", content=b"{}")).status_code == 200
+            started = time.monotonic()
+            body = assert_json_error(await gw.client.post("/x", content=b"{}"), 504,
+                                     "upstream_timeout")
+            elapsed = time.monotonic() - started
+            assert 0.25 <= elapsed < 3, elapsed
+            assert body["backend"] == "main"
+            assert calls["response_failed"] == 1  # answered by the fast path
+            # The silent connection was dropped: the next request gets a new one.
+            assert (await gw.client.post("/x", content=b"{}")).status_code == 200
+            stats = gw.gateway.proxy.table.by_name["slow"].live.stats
+            assert stats.status_totals[5] == 1 and stats.error_totals["timeout"] == 1
+
+
+async def test_stale_idle_connection_is_retried(calls: Counter[str]) -> None:
+    async def close(writer: asyncio.StreamWriter) -> None:
+        writer.transport.abort()  # closed as the request arrives: nothing came back
+
+    async with raw_server(nth_request([ok, close])) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        assert (await gw.client.post("/x", content=b"{}")).status_code == 200
+        r = await gw.client.post("/x", content=b'{"again":1}')
+        assert r.status_code == 200 and r.json() == {"ok": True}
+        assert calls["response_failed"] == 1  # the fast path handed it to the Task
+
+
+async def test_streamed_response_is_handed_to_the_task(calls: Counter[str]) -> None:
+    def chunked(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + b"".join(b"%x\r\n%s\r\n" % (1000, b"x" * 1000) for _ in range(3))
+                     + b"0\r\n\r\n")
+
+    async with raw_server(nth_request([ok, chunked, ok])) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        assert (await gw.client.post("/x", content=b"{}")).status_code == 200
+        r = await gw.client.post("/x", content=b"{}")
+        assert r.status_code == 200 and r.content == b"x" * 3000
+        assert r.headers["transfer-encoding"] == "chunked"
+        r = await gw.client.post("/x", content=b"{}")
+        assert r.status_code == 200 and r.json() == {"ok": True}
+    assert calls["response_head"] >= 2 and calls["response_done"] >= 1
+
+
+async def test_client_gone_before_the_answer_leaves_the_gateway_serving(
+        calls: Counter[str]) -> None:
+    async def slow_ok(writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)
+        writer.write(OK)
+
+    async with raw_server(nth_request([ok, slow_ok, ok, ok])) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        assert (await gw.client.post("/x", content=b"{}")).status_code == 200
+        port = gw.gateway.addresses[0][1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.transport.abort()  # gone while the backend thinks
+        await asyncio.sleep(0.5)
+        async with httpx.AsyncClient(base_url=gw.url) as other:
+            assert (await other.post("/x", content=b"{}")).status_code == 200
+        assert gw.gateway.proxy.in_flight == 0
