@@ -29,6 +29,7 @@ from pydantic import (
     PlainValidator,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
 )
 from pydantic_core import PydanticCustomError
@@ -76,6 +77,15 @@ def unknown_backend(backend: str | None, backends: set[str]) -> str | None:
     if backend is None or backend in backends:
         return None
     return f"unknown backend {backend!r} (have {', '.join(sorted(backends))})"
+
+
+def known_backend(backend: str | None, info: ValidationInfo) -> str | None:
+    """A `backend` field's check: one of the route's backends when the validation context
+    names them (a section validated inside its route), else anything (checked later)."""
+    known = (info.context or {}).get("backends")
+    if known is not None and (why := unknown_backend(backend, known)):
+        raise problem(why)
+    return backend
 
 
 def type_name(value: Any) -> str:

@@ -37,11 +37,11 @@ from gateway.schema import (
     _duration,
     duration,
     integer,
+    known_backend,
     nonempty,
     number,
     problem,
     typed,
-    unknown_backend,
     validate,
     weight,
 )
@@ -182,10 +182,7 @@ class RolloutPlan:
     @field_validator("backend", mode="after")
     @classmethod
     def _known_backend(cls, backend: str | None, info: ValidationInfo) -> str | None:
-        known = (info.context or {}).get("backends")
-        if known is not None and (why := unknown_backend(backend, known)):
-            raise problem(why)
-        return backend
+        return known_backend(backend, info)
 
     @model_check(mode="after")
     def _linear_steps(self) -> RolloutPlan:

@@ -45,11 +45,11 @@ from gateway.schema import (
     Text,
     duration,
     integer,
+    known_backend,
     number,
     problem,
     size,
     typed,
-    unknown_backend,
     validate,
 )
 
@@ -166,10 +166,7 @@ class ShadowConfig:
     @field_validator("backend", mode="after")
     @classmethod
     def _known_backend(cls, backend: str | None, info: ValidationInfo) -> str | None:
-        known = (info.context or {}).get("backends")
-        if known is not None and (why := unknown_backend(backend, known)):
-            raise problem(why)
-        return backend
+        return known_backend(backend, info)
 
 
 SHADOW = TypeAdapter(ShadowConfig)
