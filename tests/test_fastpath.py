@@ -6,6 +6,8 @@ handed to the Task. The fast server + fast upstream only: the path exists nowher
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -16,7 +18,7 @@ import pytest
 
 from gateway.server import fastpath
 from tests import helpers
-from tests.helpers import running_gateway
+from tests.helpers import running_gateway, wait_for
 from tests.test_proxy import assert_json_error, config, raw_server, read_head, route
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"ok\":true}"
@@ -95,16 +97,46 @@ async def test_silent_backend_is_504_at_the_read_timeout(calls: Counter[str]) ->
             assert stats.status_totals[5] == 1 and stats.error_totals["timeout"] == 1
 
 
-async def test_stale_idle_connection_is_retried(calls: Counter[str]) -> None:
+async def test_stale_idle_connection_is_retried_for_an_idempotent_request(
+    calls: Counter[str],
+) -> None:
     async def close(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()  # closed as the request arrives: nothing came back
 
     async with raw_server(nth_request([ok, close])) as url, \
             running_gateway(config(route("r", "/", url))) as gw:
-        assert (await gw.client.post("/x", content=b"{}")).status_code == 200
-        r = await gw.client.post("/x", content=b'{"again":1}')
+        assert (await gw.client.put("/x", content=b"{}")).status_code == 200
+        r = await gw.client.put("/x", content=b'{"again":1}')
         assert r.status_code == 200 and r.json() == {"ok": True}
         assert calls["response_failed"] == 1  # the fast path handed it to the Task
+
+
+async def test_a_post_the_backend_may_have_processed_is_never_sent_again() -> None:
+    """RFC 9110 §9.2.2: the backend read the POST, then died without answering. Resending it
+    could run it twice (it did, three times: fast path, Task, fresh connection)."""
+    posts = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        while True:
+            try:
+                head = await read_head(reader)
+            except asyncio.IncompleteReadError:
+                return  # the gateway closed its idle connection
+            if head.startswith(b"POST"):
+                posts += 1
+                await reader.readexactly(2)
+                writer.transport.abort()  # processed, then gone without an answer
+                return
+            ok(writer)
+            await writer.drain()
+
+    async with raw_server(handler) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        await asyncio.gather(*(gw.client.get("/warm") for _ in range(2)))  # idle conns
+        r = await gw.client.post("/x", content=b"{}")
+        assert r.status_code == 502
+    assert posts == 1
 
 
 async def test_streamed_response_is_handed_to_the_task(calls: Counter[str]) -> None:
@@ -142,3 +174,41 @@ async def test_client_gone_before_the_answer_leaves_the_gateway_serving(
         async with httpx.AsyncClient(base_url=gw.url) as other:
             assert (await other.post("/x", content=b"{}")).status_code == 200
         assert gw.gateway.proxy.in_flight == 0
+
+
+async def test_a_stream_handed_over_after_the_client_left_frees_its_backend_connection() -> None:
+    """The client resets before the backend's (streamed) head arrives: the hand-over to the
+    Task finds nobody to answer, and must close the backend response, not hold it for ever."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await read_head(reader)
+                if b"/warm" in head:
+                    ok(writer)
+                    await writer.drain()
+                    continue
+                await asyncio.sleep(0.3)
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                chunk = b"x" * 65536
+                for _ in range(2000):  # a long stream (bounded)
+                    writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+
+    async with raw_server(handler) as url, \
+            running_gateway(config(route("r", "/", url, timeouts={"read": "1s"}))) as gw:
+        assert (await gw.client.get("/warm")).status_code == 200
+        port = gw.gateway.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, before the backend's head arrives
+        upstream = next(iter(gw.gateway._upstreams.values()))
+        await wait_for(lambda: upstream._active, timeout=5, message="the backend call")
+        await wait_for(lambda: not upstream._active, timeout=10,
+                       message="the backend connection to be released")
+        assert (await gw.client.get("/warm")).status_code == 200

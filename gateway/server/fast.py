@@ -210,7 +210,7 @@ class _Connection(asyncio.Protocol):
         for request, _, _ in self.queue:
             if request.body is not None:
                 cast(_Body, request.body).fail()
-        self.queue.clear()
+        self._drop_queue()
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)  # the writer sees `closed` and stops
@@ -394,6 +394,16 @@ class _Connection(asyncio.Protocol):
                 self.deadline = self.loop.time() + self.config.keepalive_timeout
         finally:
             self.task = None
+            if self.closed:
+                self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """Forget the requests still queued; a backend response handed over by the fast path
+        is closed, so its backend connection is not held (paused, no deadline) for ever."""
+        for _, _, resume in self.queue:
+            if resume is not None and resume.resp is not None:
+                resume.resp.close()
+        self.queue.clear()
 
     # -- the fast path's side (gateway/server/fastpath.py) --------------------------------
 
@@ -407,6 +417,10 @@ class _Connection(asyncio.Protocol):
     def resume(self, request: ProxyRequest, keep_alive: bool, resume: Resume | None) -> None:
         """Answer `request` in the Task after all, first in line."""
         self.fast = None
+        if self.closed:  # the client left meanwhile: nobody to answer
+            if resume is not None and resume.resp is not None:
+                resume.resp.close()
+            return
         self.queue.appendleft((request, keep_alive, resume))
         if self.task is None:
             self.task = self.loop.create_task(self._run())
@@ -426,7 +440,7 @@ class _Connection(asyncio.Protocol):
 
     def _after_last(self, request: ProxyRequest) -> None:
         """The connection ends after this answer."""
-        self.queue.clear()
+        self._drop_queue()
         body = cast(_Body | None, request.body)
         if (body is not None and not body.done and not body.gone and not body.expect
                 and not self.closed and self._body is body):

@@ -41,7 +41,7 @@ from gateway.proxy import (
     error_response,
 )
 from gateway.upstream import Headers
-from gateway.upstream.fastpool import FastResponse, FastUpstream, _Conn
+from gateway.upstream.fastpool import IDEMPOTENT, FastResponse, FastUpstream, _Conn
 
 log = logging.getLogger("modelgate.proxy")
 
@@ -130,8 +130,10 @@ class FastExchange:
         request = self.request
         resp = self.resp
         self._uncount()
-        if resp is None and not got_bytes and isinstance(exc, UpstreamResetError):
-            # A reused connection the backend had closed: the Task sends again.
+        if (resp is None and not got_bytes and isinstance(exc, UpstreamResetError)
+                and request.method in IDEMPOTENT):
+            # A reused connection the backend had closed: the Task sends again (only what may
+            # be sent twice: a POST the backend processed before dying must not run again).
             if self.payload is not None:
                 cast(BufferedBody, request.body).chunks.append(self.payload)
             self.client.resume(request, self.keep_alive, Resume(plan))

@@ -47,7 +47,12 @@ from gateway.upstream.base import Body, Headers
 MAX_SLOT_WAITERS = 4096  # requests queued for a connection beyond MAX_ACTIVE
 MAX_IDLE = 256  # idle keep-alive connections kept per origin
 MAX_ACTIVE = 1024  # connections busy at once per origin; further requests wait for one
-IDLE_TTL = 30.0  # close idle connections older than this (servers drop them anyway)
+# Close idle connections older than this: below the 5 s keep-alive of uvicorn-based model
+# servers, so a POST (never resent, see IDEMPOTENT) rarely meets one the server is closing.
+IDLE_TTL = 4.0
+# RFC 9110 §9.2.2: only these are resent automatically after a connection failed with no
+# answer (the backend may have processed a POST and died before answering).
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SWEEP_INTERVAL = 0.1  # timeout resolution: deadlines are checked this often
 READ_HIGH = 1 << 20  # stop reading the socket when this much body waits for the consumer
 COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as the head
@@ -611,7 +616,8 @@ class FastUpstream:
             except UpstreamResetError:
                 # A reused connection the server had closed while idle: try once on a new one.
                 # Only when nothing came back and the body can be sent again.
-                if reused and not conn.got_bytes and stream is None and not fresh:
+                if (reused and not conn.got_bytes and stream is None and not fresh
+                        and method in IDEMPOTENT):
                     fresh = True
                     continue
                 raise
