@@ -212,3 +212,22 @@ async def test_a_stream_handed_over_after_the_client_left_frees_its_backend_conn
         await wait_for(lambda: not upstream._active, timeout=10,
                        message="the backend connection to be released")
         assert (await gw.client.get("/warm")).status_code == 200
+
+
+async def test_bytes_after_a_connection_close_request_do_not_lose_its_answer() -> None:
+    """llhttp refuses data after `Connection: close`: the request before it is already at
+    the backend (a POST may have run) and its answer must still reach the client."""
+    async with raw_server(nth_request([ok, ok])) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        port = gw.gateway.addresses[0][1]
+        for warm in (False, True):
+            if warm:
+                assert (await gw.client.get("/warm")).status_code == 200
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n"
+                         b"Connection: close\r\n\r\n1GET /b HTTP/1.1\r\nHost: x\r\n\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(), timeout=10)  # until the close
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+            assert answer.count(b"HTTP/1.1 ") == 1

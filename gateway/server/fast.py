@@ -496,10 +496,14 @@ class _Connection(asyncio.Protocol):
                     transport.close()
 
     def _reject(self, status: int, code: str, message: str) -> None:
-        """A request we cannot parse or accept: answer it (if nothing is being answered,
-        else just close) and close."""
-        if (self.task is None and not self.queue and self.fast is None and self._pending is None
-                and not self.closed and self.transport):
+        """A request we cannot parse or accept: answer it and close. With earlier requests
+        still being answered (one may already be at the backend), read no further and close
+        after their answers: dropping them would lose a POST's result."""
+        if (self.task is not None or self.queue or self.fast is not None
+                or self._pending is not None):
+            self._stop_reading()
+            return
+        if not self.closed and self.transport:
             body = orjson.dumps({"error": code, "message": message})
             self.transport.write(
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"

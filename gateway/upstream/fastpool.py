@@ -32,6 +32,7 @@ closed early or an unparsable response → `UpstreamResetError`; connect or read
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator
@@ -43,6 +44,8 @@ import httptools
 from gateway.config import Timeouts
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
 from gateway.upstream.base import Body, Headers
+
+log = logging.getLogger("modelgate.upstream")
 
 MAX_SLOT_WAITERS = 4096  # requests queued for a connection beyond MAX_ACTIVE
 MAX_IDLE = 256  # idle keep-alive connections kept per origin
@@ -844,7 +847,11 @@ class FastUpstream:
             now = loop.time()
             expired = [c for c in self._active if 0.0 < c.deadline <= now]
             for conn in expired:
-                conn.timed_out()
+                try:  # answering a timed-out exchange runs the fast path's code: never let a
+                    conn.timed_out()  # bug there end the sweep (no timeout would fire again)
+                except Exception:
+                    log.exception("timing out a connection to %s failed", self.origin)
+                    conn._drop()
             idle = self._idle
             too_old = now - IDLE_TTL
             while idle and idle[0].idle_since < too_old:
