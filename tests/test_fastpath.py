@@ -231,3 +231,16 @@ async def test_bytes_after_a_connection_close_request_do_not_lose_its_answer() -
             writer.close()
             assert answer.startswith(b"HTTP/1.1 200"), answer
             assert answer.count(b"HTTP/1.1 ") == 1
+
+
+async def test_a_pipelined_connection_close_lets_the_requests_before_it_be_answered() -> None:
+    async with raw_server(nth_request([ok, ok, ok, ok])) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        port = gw.gateway.addresses[0][1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        answers = await asyncio.wait_for(reader.read(), timeout=10)  # until the close
+        writer.close()
+        assert answers.count(b"HTTP/1.1 200") == 3, answers

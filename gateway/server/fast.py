@@ -141,7 +141,7 @@ class _Connection(asyncio.Protocol):
 
     __slots__ = (
         "server", "proxy", "config", "loop", "transport", "parser", "peer", "tls", "closed",
-        "deadline", "reading_paused", "queue", "task", "closing", "in_headers",
+        "deadline", "reading_paused", "read_no_more", "queue", "task", "closing", "in_headers",
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
         "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
@@ -160,6 +160,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.deadline = 0.0  # 0: not waiting on the client
         self.reading_paused = False
+        self.read_no_more = False  # the client asked to close: what it sent next is not read
         self.queue: deque[tuple[ProxyRequest, bool, Resume | None]] = deque()
         self.task: asyncio.Task[None] | None = None
         self.closing = False  # close once the current answer is written
@@ -351,7 +352,9 @@ class _Connection(asyncio.Protocol):
         if body is not None:
             body.finish()
         if not self._msg_keep_alive:
-            self._stop_reading()  # the last request asked to close: nothing more is read
+            # The last request asked to close: read nothing more, but answer the ones before
+            # it first (its own answer closes the connection: keep_alive False).
+            self._pause_for_good()
         pending = self._pending
         if pending is not None:
             self._pending = None
@@ -466,7 +469,7 @@ class _Connection(asyncio.Protocol):
         pause = (len(self.queue) >= MAX_PIPELINED
                  or (body is not None and body.buffered > BODY_HIGH))
         transport = self.transport
-        if transport is None or self.closed or pause == self.reading_paused:
+        if transport is None or self.closed or self.read_no_more or pause == self.reading_paused:
             return
         self.reading_paused = pause
         if pause:
@@ -475,7 +478,12 @@ class _Connection(asyncio.Protocol):
             transport.resume_reading()
 
     def _stop_reading(self) -> None:
+        """Read no more and close once the answers in flight are out."""
         self.closing = True
+        self._pause_for_good()
+
+    def _pause_for_good(self) -> None:
+        self.read_no_more = True
         if not self.reading_paused and self.transport is not None and not self.closed:
             self.reading_paused = True
             self.transport.pause_reading()
