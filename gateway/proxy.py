@@ -321,6 +321,13 @@ class Proxy:
         else:
             rid = request_id.encode()
         target = request.target
+        if target[:1] != "/":
+            # Absolute-form (or authority-/asterisk-form): toward an origin server only
+            # origin-form is allowed (RFC 9112 §3.2.1), and we are not a forward proxy.
+            return Refusal(400, "bad_target", "the request target must be a path ('/...')",
+                           request_id, {})
+        if "#" in target:  # a fragment is the client's own business: never forwarded
+            target = request.target = target[:target.index("#")]
         query_at = target.find("?")
         path = target if query_at < 0 else target[:query_at]
         host_text = host.decode("latin-1") if host is not None else None

@@ -1,0 +1,94 @@
+"""Issue #11 (reliability and security), end to end over real sockets, on both proxy-port
+servers: what reaches the backend of the request target and the forwarding headers, and
+what a malformed request gets back (and leaves in the log)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+
+from tests import helpers
+from tests.helpers import running_gateway
+from tests.test_proxy import Echo, config, route
+
+
+@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
+def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    value: str = request.param.removesuffix("-server")
+    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
+    return value
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[Echo]:
+    backend = Echo()
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def base_gateway(echo: Echo, **top: Any) -> Any:
+    """Echo behind a route whose backend URL has a base path (`/base`)."""
+    return running_gateway({**config(route("echo", "/", echo.url + "/base")), **top})
+
+
+async def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `data` on a fresh connection, read until the gateway closes it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        raw = await reader.read()  # every request here says or gets Connection: close
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return status, headers, body
+
+
+def port_of(gw: helpers.RunningGateway) -> int:
+    return gw.gateway.addresses[0][1]
+
+
+# -- 1. absolute-form targets and fragments ------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["http://evil.example/x", "https://127.0.0.1/x",
+                                    "http://localhost/x?a=1"])
+async def test_absolute_form_target_is_a_json_400(echo: Echo, target: str) -> None:
+    async with base_gateway(echo) as gw:
+        status, headers, body = await raw_exchange(
+            port_of(gw), f"GET {target} HTTP/1.1\r\nHost: localhost\r\n"
+                         "Connection: close\r\n\r\n".encode())
+        assert status == 400, body
+        assert headers["content-type"].startswith("application/json")
+        report = orjson.loads(body)
+        assert report["error"] == "bad_target"
+        assert "evil" not in body.decode()
+        # Nothing reached the backend: the next request's echo is the first it saw.
+        r = await gw.client.get("/ok")
+        assert r.json()["target"] == "/base/ok"
+
+
+@pytest.mark.parametrize("target, sent", [("/x#frag", "/base/x"),
+                                          ("/x?a=1#frag?b=2", "/base/x?a=1"),
+                                          ("/p/q#", "/base/p/q")])
+async def test_fragment_is_not_forwarded(echo: Echo, target: str, sent: str) -> None:
+    async with base_gateway(echo) as gw:
+        for extra in ("", "Content-Length: 3\r\n"):  # the fast path and the Task path
+            body = b"abc" if extra else b""
+            status, _, answer = await raw_exchange(
+                port_of(gw), f"POST {target} HTTP/1.1\r\nHost: localhost\r\n{extra}"
+                             "Connection: close\r\n\r\n".encode() + body)
+            assert status == 200, answer
+            report = orjson.loads(answer)
+            assert report["target"] == sent
+            assert report["length"] == len(body)
