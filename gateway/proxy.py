@@ -21,7 +21,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Protocol, cast
 from urllib.parse import parse_qsl, unquote
 
@@ -52,7 +53,7 @@ _JSON = (b"Content-Type", b"application/json")
 REQUEST_ID = b"X-Request-ID"
 # What the request-header pass does with a (lower-case) name; absent: forwarded as is.
 _H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
-    _H_REQUEST_ID = range(7)
+    _H_REQUEST_ID, _H_FORWARDED = range(8)
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     **dict.fromkeys(_DROP_REQUEST | _NOT_FORWARDED, _H_DROP),
     b"host": _H_HOST,
@@ -61,6 +62,7 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-proto": _H_FORWARDED_PROTO,
     b"x-forwarded-host": _H_FORWARDED_HOST,
     b"x-request-id": _H_REQUEST_ID,
+    b"forwarded": _H_FORWARDED,
 }
 
 
@@ -230,11 +232,25 @@ class Proxy:
     every state change), the recorder for in-flight gauges, and the access-log sample rate.
     """
 
-    def __init__(self, recorder: Recorder, access_log_sample: float = 0.0) -> None:
+    def __init__(self, recorder: Recorder, access_log_sample: float = 0.0,
+                 trusted_proxies: Sequence[IPv4Network | IPv6Network] = ()) -> None:
         self.table = RoutingTable([])
         self.recorder = recorder
         self.in_flight = 0
         self.access_log_sample = access_log_sample
+        # Peers whose X-Forwarded-* / Forwarded are kept (`trusted_proxies`, parsed by the
+        # config); from any other peer they are dropped. Empty: no peer is even looked at.
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    def trusts(self, peer: str) -> bool:
+        """Whether `peer` (an address as text) is one of the `trusted_proxies`."""
+        try:
+            address = ip_address(peer)
+        except ValueError:  # "unknown", a Unix socket
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink,
                      resume: Resume | None = None) -> None:
@@ -281,6 +297,8 @@ class Proxy:
         connection: bytes | None = None
         forwarded_for: bytes | None = None
         has_proto = has_fhost = False
+        # A client's own forwarding headers are lies until a trusted proxy sent them.
+        trusted = bool(self.trusted_proxies) and self.trusts(request.peer)
         for item in request.headers:
             kind = kind_of(item[0].lower())
             if kind is None:
@@ -296,13 +314,22 @@ class Proxy:
                 connection = value if connection is None else connection + b"," + value
                 continue
             if kind == _H_FORWARDED_FOR:  # several lines are one list: keep them all
-                value = item[1]
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                if trusted:
+                    value = item[1]
+                    forwarded_for = (value if forwarded_for is None
+                                     else forwarded_for + b", " + value)
                 continue
             if kind == _H_FORWARDED_PROTO:
+                if not trusted:
+                    continue
                 has_proto = True
             elif kind == _H_FORWARDED_HOST:
+                if not trusted:
+                    continue
                 has_fhost = True
+            elif kind == _H_FORWARDED:
+                if not trusted:
+                    continue
             elif rid_at < 0:  # _H_REQUEST_ID
                 rid_raw = item[1]
                 rid_at = len(out)

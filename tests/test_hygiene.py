@@ -11,9 +11,11 @@ from typing import Any
 import orjson
 import pytest
 
+from gateway.config import parse_config
+from gateway.errors import ConfigError
 from tests import helpers
 from tests.helpers import running_gateway
-from tests.test_proxy import Echo, config, route
+from tests.test_proxy import Echo, config, headers_of, route
 
 
 @pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
@@ -92,3 +94,41 @@ async def test_fragment_is_not_forwarded(echo: Echo, target: str, sent: str) -> 
             report = orjson.loads(answer)
             assert report["target"] == sent
             assert report["length"] == len(body)
+
+
+# -- 2. a client's X-Forwarded-* / Forwarded are trusted only from `trusted_proxies` -------------
+
+CLIENT_FORWARDING = [("X-Forwarded-For", "203.0.113.7"), ("X-Forwarded-For", "198.51.100.2"),
+                     ("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "admin.internal"),
+                     ("Forwarded", "for=203.0.113.7;proto=https;host=admin.internal")]
+
+
+@pytest.mark.parametrize("trusted", [None, [], ["10.0.0.0/8", "::1/128"]])
+async def test_untrusted_client_forwarding_headers_are_dropped(
+        echo: Echo, trusted: list[str] | None) -> None:
+    top = {} if trusted is None else {"trusted_proxies": trusted}
+    async with base_gateway(echo, **top) as gw:
+        r = await gw.client.get("/fwd", headers=[*CLIENT_FORWARDING, ("Host", "api.example.com")])
+        got = headers_of(r.json())
+        assert got["x-forwarded-for"] == ["127.0.0.1"]  # the peer, and only the peer
+        assert got["x-forwarded-proto"] == ["http"]
+        assert got["x-forwarded-host"] == ["api.example.com"]
+        assert "forwarded" not in got
+
+
+async def test_trusted_proxy_forwarding_headers_are_kept_and_appended(echo: Echo) -> None:
+    async with base_gateway(echo, trusted_proxies=["192.0.2.0/24", "127.0.0.1"]) as gw:
+        r = await gw.client.get("/fwd", headers=[*CLIENT_FORWARDING, ("Host", "api.example.com")])
+        got = headers_of(r.json())
+        assert got["x-forwarded-for"] == ["203.0.113.7, 198.51.100.2, 127.0.0.1"]
+        assert got["x-forwarded-proto"] == ["https"]
+        assert got["x-forwarded-host"] == ["admin.internal"]
+        assert got["forwarded"] == ["for=203.0.113.7;proto=https;host=admin.internal"]
+
+
+def test_trusted_proxies_are_parsed_once_by_the_config() -> None:
+    parsed = parse_config({**config(), "trusted_proxies": ["10.0.0.0/8", "::1", "192.0.2.1/24"]})
+    assert [str(n) for n in parsed.trusted_proxies] == ["10.0.0.0/8", "::1/128", "192.0.2.0/24"]
+    assert parse_config(config()).trusted_proxies == ()
+    with pytest.raises(ConfigError, match="trusted_proxies"):
+        parse_config({**config(), "trusted_proxies": ["10.0.0.0/33"]})
