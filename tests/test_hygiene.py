@@ -5,6 +5,7 @@ what a malformed request gets back (and leaves in the log)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from tests import helpers
-from tests.helpers import running_gateway
+from tests.helpers import running_gateway, wait_for
 from tests.test_proxy import Echo, config, headers_of, route
 
 
@@ -132,3 +133,34 @@ def test_trusted_proxies_are_parsed_once_by_the_config() -> None:
     assert parse_config(config()).trusted_proxies == ()
     with pytest.raises(ConfigError, match="trusted_proxies"):
         parse_config({**config(), "trusted_proxies": ["10.0.0.0/33"]})
+
+
+# -- 3. a malformed request: a JSON 400 that echoes nothing, logged without the raw line ----------
+
+SECRET = "s3cr3t-t0ken-abcdef"
+MALFORMED = {
+    "no-colon": f"Authorization Bearer {SECRET}\r\n",
+    "control-char": f"Authorization: Bearer {SECRET}\x01\r\n",
+    "space-before-colon": f"Authorization : Bearer {SECRET}\r\n",
+    "bad-name": f"Auth(orization): Bearer {SECRET}\r\n",
+}
+
+
+@pytest.mark.parametrize("line", MALFORMED.values(), ids=MALFORMED.keys())
+async def test_malformed_header_is_a_json_400_that_leaks_nothing(
+        echo: Echo, line: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with base_gateway(echo) as gw:
+        status, headers, body = await raw_exchange(
+            port_of(gw), f"GET /x HTTP/1.1\r\nHost: localhost\r\n{line}"
+                         "Connection: close\r\n\r\n".encode("latin-1"))
+        assert status == 400, body
+        assert headers["content-type"].startswith("application/json"), headers
+        assert orjson.loads(body)["error"] == "bad_request"
+        assert SECRET not in body.decode("latin-1")
+        assert "Bearer" not in body.decode("latin-1")
+        await wait_for(lambda: any("rejected a request" in r.getMessage()
+                                   for r in caplog.records), message="the rejection logged")
+    logged = [r for r in caplog.records if r.levelno >= logging.INFO]
+    text = "\n".join(caplog.text.splitlines() + [repr(r.__dict__) for r in logged])
+    assert SECRET not in text

@@ -235,7 +235,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserInvalidMethodError:
             self._reject(400, "bad_request", "invalid method")
         except httptools.HttpParserError as exc:
-            self._reject(400, "bad_request", f"malformed request: {exc}")
+            # Neither the answer nor the INFO log quotes the client's bytes: a malformed
+            # line may carry a credential. The parser's reason goes to DEBUG only.
+            log.debug("malformed request from %s: %s", self.peer, exc)
+            self._reject(400, "bad_request", "malformed request")
         pending = self._pending
         if pending is not None:
             # Its body did not all come in this read: the Task path, as for any streamed body.
@@ -483,7 +486,8 @@ class _Connection(asyncio.Protocol):
 
     def _reject(self, status: int, code: str, message: str) -> None:
         """A request we cannot parse or accept: answer it (if nothing is being answered,
-        else just close) and close."""
+        else just close) and close. `message` must not quote the client's bytes."""
+        log.info("rejected a request from %s: %d %s", self.peer, status, code)
         if (self.task is None and not self.queue and self.fast is None and self._pending is None
                 and not self.closed and self.transport):
             body = orjson.dumps({"error": code, "message": message})
