@@ -426,9 +426,11 @@ class Proxy:
         rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
+        aborted = False  # the client left before the backend's answer began
         try:
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
+            gone: list[bool] = []
             if resp is not None:
                 body = payload
             elif body_in is None:
@@ -443,7 +445,7 @@ class Proxy:
                     await _too_large(sink, route, request_id)
                     return
             else:
-                body = _stream_body(body_in, route.max_body, too_large)
+                body = _stream_body(body_in, route.max_body, too_large, gone)
 
             if resp is None:
                 sent = time.perf_counter()
@@ -459,6 +461,8 @@ class Proxy:
                                  route=route.name)
                     return
                 except (UpstreamError, BodyTooLarge) as exc:
+                    if gone:  # our body iterator's ClientGone, as the upstream reports it
+                        raise ClientGone("the client left while sending its body") from exc
                     # An upstream may let our own body iterator's BodyTooLarge through
                     # untranslated.
                     if too_large or not isinstance(exc, UpstreamError):
@@ -484,11 +488,16 @@ class Proxy:
                 stats.upstream_error(failure.kind)
                 if exchange is not None:
                     exchange.status = status
+        except ConnectionError:
+            # Gone before the backend answered (mid-upload, typically): not the backend's
+            # error, whatever the upstream made of the cut-off body.
+            aborted = status == 0
+            raise
         finally:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
-            self.finished(plan, request, status, exchange)
+            self.finished(plan, request, status, exchange, aborted)
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -509,10 +518,14 @@ class Proxy:
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
-                 exchange: Exchange | None) -> None:
-        """The client has its answer (or is gone): metrics, taps, the sampled access log."""
+                 exchange: Exchange | None, aborted: bool = False) -> None:
+        """The client has its answer (or is gone): metrics, taps, the sampled access log.
+        `aborted`: the client left before the answer began (logged as 499)."""
         latency = time.perf_counter() - plan.started
         route = plan.route
+        if aborted:
+            aborts = self.recorder.client_aborts
+            aborts[route.name] = aborts.get(route.name, 0) + 1
         if status:
             plan.backend.stats.observe(status, latency)
         if exchange is not None:
@@ -525,7 +538,8 @@ class Proxy:
         if self.access_log_sample and random.random() < self.access_log_sample:
             access_log.info(
                 "request", extra={"request_id": plan.request_id, "route": route.name,
-                                  "backend": plan.backend.name, "status": status,
+                                  "backend": plan.backend.name,
+                                  "status": 499 if aborted else status,
                                   "latency_ms": round(latency * 1000, 3),
                                   "method": request.method, "path": plan.path},
             )
@@ -684,10 +698,17 @@ async def _read_body(body: RequestBody, limit: int) -> bytes:
     return first if len(parts) == 1 else b"".join(parts)
 
 
-async def _stream_body(body: RequestBody, limit: int, too_large: list[bool]
+async def _stream_body(body: RequestBody, limit: int, too_large: list[bool], gone: list[bool]
                        ) -> AsyncIterator[bytes]:
     size = 0
-    while chunk := await body.chunk():
+    while True:
+        try:
+            chunk = await body.chunk()
+        except ConnectionError:  # ClientGone, or the server's own word for it
+            gone.append(True)  # the upstream may wrap it: `forward` must know it was ours
+            raise
+        if not chunk:
+            return
         size += len(chunk)
         if size > limit:
             too_large.append(True)

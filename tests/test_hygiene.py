@@ -164,3 +164,37 @@ async def test_malformed_header_is_a_json_400_that_leaks_nothing(
     logged = [r for r in caplog.records if r.levelno >= logging.INFO]
     text = "\n".join(caplog.text.splitlines() + [repr(r.__dict__) for r in logged])
     assert SECRET not in text
+
+
+# -- 4. a client that hangs up mid-upload is not a backend error ----------------------------------
+
+
+async def test_client_aborts_are_not_backend_errors(
+        echo: Echo, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="modelgate.access")
+    async with running_gateway({**config(route("echo", "/", echo.url)),
+                                "access_log_sample": 1.0}) as gw:
+        recorder = gw.gateway.recorder
+        head = (b"POST /stream-upload HTTP/1.1\r\nHost: localhost\r\n"
+                b"Content-Type: application/octet-stream\r\nContent-Length: 200000\r\n\r\n")
+        for _ in range(20):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+            writer.write(head + b"x" * 70_000)
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+        await wait_for(lambda: recorder.client_aborts.get("echo") == 20,
+                       message="20 client aborts counted")
+        await wait_for(lambda: recorder.in_flight.get("echo") == 0, message="nothing in flight")
+        stats = recorder.stats("echo", "main")
+        assert stats.status_totals[5] == 0
+        assert not any(stats.error_totals.values()), stats.error_totals
+        scrape = (await gw.admin.get("/metrics")).text
+        assert 'modelgate_client_aborts_total{route="echo"} 20.0' in scrape
+        assert 'status_class="5xx"' not in scrape
+        logged = [getattr(r, "status", None) for r in caplog.records
+                  if r.name == "modelgate.access"]
+        assert logged == [499] * 20, logged
+        # The backend is fine, and so is the gateway: a whole upload goes through.
+        r = await gw.client.post("/stream-upload", content=b"y" * 200_000)
+        assert r.status_code == 200 and r.json()["length"] == 200_000

@@ -248,6 +248,9 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client half-closed: finish what was asked (its answers still go out), then close.
+        body = self._body
+        if body is not None:  # ... but a body cut off here will never be whole: it left
+            body.fail()
         if self.task is None and not self.queue and self.fast is None:
             return None  # transport closes
         self.closing = True
