@@ -107,7 +107,7 @@ class Gateway:
         self._upstreams: dict[str, Upstream] = {}
         self.static: dict[str, StaticRoute] = {}
         # The proxy gets only what it uses; `self.table` reads and replaces its table.
-        self.proxy = Proxy(self.recorder, config.access_log_sample)
+        self.proxy = Proxy(self.recorder, config.access_log_sample, config.trusted_proxies)
         self.server_kind = server_kind or config.server.kind
         self._proxy_server: ProxyServer | None = None
         # Components offer and find each other's services here, never by name.

@@ -38,6 +38,7 @@ from gateway.schema import (
     HttpUrl,
     LowerText,
     Name,
+    Networks,
     Size,
     Text,
     UrlPath,
@@ -339,6 +340,9 @@ class GatewayConfig:
     alarms: tuple[AlarmRule, ...] = ()
     webhooks: tuple[HttpUrl, ...] = ()
     access_log_sample: Annotated[float, number(0, 1)] = 0.0
+    # Peers whose X-Forwarded-*/Forwarded headers are kept (appended to); from any other
+    # peer they are dropped and the gateway's own are sent.
+    trusted_proxies: Networks = ()
     server: ServerConfig = Field(default_factory=ServerConfig)
     source: SkipJsonSchema[str] = "<dict>"  # the file it came from; not a document key
 

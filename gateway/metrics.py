@@ -269,6 +269,8 @@ class Recorder:
         self._stats: dict[tuple[str, str], BackendStats] = {}
         self._shadow: dict[tuple[str, str], ShadowStats] = {}
         self.in_flight: dict[str, int] = {}
+        # By route: clients that left before their answer began (not the backend's errors).
+        self.client_aborts: dict[str, int] = {}
         self.gauges: dict[str, Callable[[], Iterable[Metric]]] = {}
         self.registry.register(_Collector(self))
         ProcessCollector(namespace="modelgate", registry=self.registry)
@@ -378,11 +380,19 @@ class _Collector:
         )
         for route, n in rec.in_flight.items():
             in_flight.add_metric([route], n)
+        aborts = CounterMetricFamily(
+            "modelgate_client_aborts",
+            "Clients that left before their answer began (mid-upload, typically), by route.",
+            labels=["route"],
+        )
+        for route, n in rec.client_aborts.items():
+            aborts.add_metric([route], n)
         yield requests
         yield duration
         yield upstream
         yield errors
         yield in_flight
+        yield aborts
         for _, family in probes:
             yield family
         yield labels_family

@@ -21,7 +21,8 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
 from typing import Protocol, cast
 from urllib.parse import parse_qsl, unquote
 
@@ -52,7 +53,7 @@ _JSON = (b"Content-Type", b"application/json")
 REQUEST_ID = b"X-Request-ID"
 # What the request-header pass does with a (lower-case) name; absent: forwarded as is.
 _H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
-    _H_REQUEST_ID = range(7)
+    _H_REQUEST_ID, _H_FORWARDED = range(8)
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     **dict.fromkeys(_DROP_REQUEST | _NOT_FORWARDED, _H_DROP),
     b"host": _H_HOST,
@@ -61,6 +62,7 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-proto": _H_FORWARDED_PROTO,
     b"x-forwarded-host": _H_FORWARDED_HOST,
     b"x-request-id": _H_REQUEST_ID,
+    b"forwarded": _H_FORWARDED,
 }
 
 
@@ -230,11 +232,25 @@ class Proxy:
     every state change), the recorder for in-flight gauges, and the access-log sample rate.
     """
 
-    def __init__(self, recorder: Recorder, access_log_sample: float = 0.0) -> None:
+    def __init__(self, recorder: Recorder, access_log_sample: float = 0.0,
+                 trusted_proxies: Sequence[IPv4Network | IPv6Network] = ()) -> None:
         self.table = RoutingTable([])
         self.recorder = recorder
         self.in_flight = 0
         self.access_log_sample = access_log_sample
+        # Peers whose X-Forwarded-* / Forwarded are kept (`trusted_proxies`, parsed by the
+        # config); from any other peer they are dropped. Empty: no peer is even looked at.
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    def trusts(self, peer: str) -> bool:
+        """Whether `peer` (an address as text) is one of the `trusted_proxies`."""
+        try:
+            address = ip_address(peer)
+        except ValueError:  # "unknown", a Unix socket
+            return False
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.trusted_proxies)
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink,
                      resume: Resume | None = None) -> None:
@@ -281,6 +297,8 @@ class Proxy:
         connection: bytes | None = None
         forwarded_for: bytes | None = None
         has_proto = has_fhost = False
+        # A client's own forwarding headers are lies until a trusted proxy sent them.
+        trusted = bool(self.trusted_proxies) and self.trusts(request.peer)
         for item in request.headers:
             kind = kind_of(item[0].lower())
             if kind is None:
@@ -296,13 +314,22 @@ class Proxy:
                 connection = value if connection is None else connection + b"," + value
                 continue
             if kind == _H_FORWARDED_FOR:  # several lines are one list: keep them all
-                value = item[1]
-                forwarded_for = value if forwarded_for is None else forwarded_for + b", " + value
+                if trusted:
+                    value = item[1]
+                    forwarded_for = (value if forwarded_for is None
+                                     else forwarded_for + b", " + value)
                 continue
             if kind == _H_FORWARDED_PROTO:
+                if not trusted:
+                    continue
                 has_proto = True
             elif kind == _H_FORWARDED_HOST:
+                if not trusted:
+                    continue
                 has_fhost = True
+            elif kind == _H_FORWARDED:
+                if not trusted:
+                    continue
             elif rid_at < 0:  # _H_REQUEST_ID
                 rid_raw = item[1]
                 rid_at = len(out)
@@ -321,6 +348,13 @@ class Proxy:
         else:
             rid = request_id.encode()
         target = request.target
+        if target[:1] != "/":
+            # Absolute-form (or authority-/asterisk-form): toward an origin server only
+            # origin-form is allowed (RFC 9112 §3.2.1), and we are not a forward proxy.
+            return Refusal(400, "bad_target", "the request target must be a path ('/...')",
+                           request_id, {})
+        if "#" in target:  # a fragment is the client's own business: never forwarded
+            target = request.target = target[:target.index("#")]
         query_at = target.find("?")
         path = target if query_at < 0 else target[:query_at]
         host_text = host.decode("latin-1") if host is not None else None
@@ -392,9 +426,11 @@ class Proxy:
         rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
+        aborted = False  # the client left before the backend's answer began
         try:
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
+            gone: list[bool] = []
             if resp is not None:
                 body = payload
             elif body_in is None:
@@ -409,7 +445,7 @@ class Proxy:
                     await _too_large(sink, route, request_id)
                     return
             else:
-                body = _stream_body(body_in, route.max_body, too_large)
+                body = _stream_body(body_in, route.max_body, too_large, gone)
 
             if resp is None:
                 sent = time.perf_counter()
@@ -425,6 +461,8 @@ class Proxy:
                                  route=route.name)
                     return
                 except (UpstreamError, BodyTooLarge) as exc:
+                    if gone:  # our body iterator's ClientGone, as the upstream reports it
+                        raise ClientGone("the client left while sending its body") from exc
                     # An upstream may let our own body iterator's BodyTooLarge through
                     # untranslated.
                     if too_large or not isinstance(exc, UpstreamError):
@@ -450,11 +488,16 @@ class Proxy:
                 stats.upstream_error(failure.kind)
                 if exchange is not None:
                     exchange.status = status
+        except ConnectionError:
+            # Gone before the backend answered (mid-upload, typically): not the backend's
+            # error, whatever the upstream made of the cut-off body.
+            aborted = status == 0
+            raise
         finally:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
-            self.finished(plan, request, status, exchange)
+            self.finished(plan, request, status, exchange, aborted)
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -475,10 +518,14 @@ class Proxy:
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
-                 exchange: Exchange | None) -> None:
-        """The client has its answer (or is gone): metrics, taps, the sampled access log."""
+                 exchange: Exchange | None, aborted: bool = False) -> None:
+        """The client has its answer (or is gone): metrics, taps, the sampled access log.
+        `aborted`: the client left before the answer began (logged as 499)."""
         latency = time.perf_counter() - plan.started
         route = plan.route
+        if aborted:
+            aborts = self.recorder.client_aborts
+            aborts[route.name] = aborts.get(route.name, 0) + 1
         if status:
             plan.backend.stats.observe(status, latency)
         if exchange is not None:
@@ -491,7 +538,8 @@ class Proxy:
         if self.access_log_sample and random.random() < self.access_log_sample:
             access_log.info(
                 "request", extra={"request_id": plan.request_id, "route": route.name,
-                                  "backend": plan.backend.name, "status": status,
+                                  "backend": plan.backend.name,
+                                  "status": 499 if aborted else status,
                                   "latency_ms": round(latency * 1000, 3),
                                   "method": request.method, "path": plan.path},
             )
@@ -650,10 +698,17 @@ async def _read_body(body: RequestBody, limit: int) -> bytes:
     return first if len(parts) == 1 else b"".join(parts)
 
 
-async def _stream_body(body: RequestBody, limit: int, too_large: list[bool]
+async def _stream_body(body: RequestBody, limit: int, too_large: list[bool], gone: list[bool]
                        ) -> AsyncIterator[bytes]:
     size = 0
-    while chunk := await body.chunk():
+    while True:
+        try:
+            chunk = await body.chunk()
+        except ConnectionError:  # ClientGone, or the server's own word for it
+            gone.append(True)  # the upstream may wrap it: `forward` must know it was ours
+            raise
+        if not chunk:
+            return
         size += len(chunk)
         if size > limit:
             too_large.append(True)

@@ -19,6 +19,7 @@ import math
 import re
 from collections.abc import Callable, Iterator, Sized
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -412,6 +413,31 @@ def _addresses(value: Any) -> tuple[tuple[str, int], ...]:
 Addresses = Annotated[tuple[tuple[str, int], ...], typed(_addresses, {"anyOf": [
     _ADDRESS_SCHEMA, {"type": "array", "minItems": 1, "items": _ADDRESS_SCHEMA}]})]
 
+
+IPNetwork = IPv4Network | IPv6Network
+
+
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    """CIDRs (``10.0.0.0/8``, ``::1``; a bare address is one host), parsed once here."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise problem(f"expected a list of CIDRs, got {value!r}")
+    out: list[IPNetwork] = []
+    for i, item in enumerate(value):
+        if isinstance(item, IPv4Network | IPv6Network):  # already parsed (a rebuilt config)
+            out.append(item)
+            continue
+        try:
+            out.append(ip_network(item.strip() if isinstance(item, str) else item,
+                                  strict=False))
+        except (TypeError, ValueError):
+            raise problem(f"not an IP network (CIDR): {item!r}", i) from None
+    return tuple(out)
+
+
+Networks = Annotated[tuple[IPNetwork, ...], typed(_networks, {"anyOf": [
+    {"type": "string"}, {"type": "array", "items": {"type": "string"}}]})]
 
 def weight(minimum: float = 0.0) -> Typed:
     """A traffic share in percent, in steps of 0.01 (`gateway.state.weight_problem`)."""

@@ -296,7 +296,9 @@ async def test_hop_by_hop_headers_are_stripped_both_ways(echo: Echo, kind: str) 
 
 
 async def test_forwarded_headers(echo: Echo, kind: str) -> None:
-    async with echo_gateway(echo, kind) as gw:
+    # From a trusted proxy (loopback here); an untrusted client's: tests/test_hygiene.py.
+    trusting = {**config(route("echo", "/", echo.url)), "trusted_proxies": ["127.0.0.0/8"]}
+    async with running_gateway(trusting, upstream_kind=kind) as gw:
         port = gw.gateway.addresses[0][1]
         got = headers_of((await gw.client.get("/fwd")).json())
         assert got["x-forwarded-for"] == ["127.0.0.1"]

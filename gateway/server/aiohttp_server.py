@@ -8,11 +8,15 @@ after the client has its answer here too.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Sequence
 from typing import Any
 
+import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_server import Server
 from multidict import CIMultiDict
 
@@ -20,6 +24,8 @@ from gateway.config import ServerConfig
 from gateway.proxy import ClientGone, Proxy, ProxyRequest
 from gateway.server.tls import tls_context
 from gateway.upstream import Headers
+
+log = logging.getLogger("modelgate.server")
 
 READ_CHUNK = 64 * 1024
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -108,6 +114,38 @@ class _Sink:
             self.request.transport.close()
 
 
+_REJECT_CODE = {400: "bad_request", 413: "body_too_large", 414: "uri_too_long",
+                431: "headers_too_large"}
+
+
+class _Handler(RequestHandler):
+    """aiohttp's connection handler, but a request it cannot parse gets the gateway's JSON
+    400 (like the fast server's), and neither that answer nor the log at INFO and above
+    quotes the client's bytes: aiohttp's own (text answer, ERROR log with the exception)
+    both carry the offending line, which may hold a credential."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if not isinstance(exc, HttpProcessingError) or status >= 500:
+            return super().handle_error(request, status, exc, message)
+        code = _REJECT_CODE.get(status, "bad_request")
+        log.info("rejected a request from %s: %d %s", request.remote, status, code)
+        log.debug("malformed request from %s: %s", request.remote, type(exc).__name__)
+        if request.writer.output_size > 0:
+            raise ConnectionError("an answer was already sent")
+        response = web.Response(status=status, content_type="application/json",
+                                body=orjson.dumps({"error": code,
+                                                   "message": "malformed request"}))
+        response.force_close()
+        return response
+
+
+class _Server(Server):
+    def __call__(self) -> RequestHandler:
+        return _Handler(self, loop=self._loop, **self._kwargs)
+
+
 class AiohttpServer:
     def __init__(self, proxy: Proxy, config: ServerConfig) -> None:
         self.proxy = proxy
@@ -138,7 +176,7 @@ class AiohttpServer:
 
     async def start(self, listen: Sequence[tuple[str, int]], sockets: Sequence[socket.socket],
                     reuse_port: bool) -> None:
-        server = Server(self.handle, access_log=None, handler_cancellation=False,
+        server = _Server(self.handle, access_log=None, handler_cancellation=False,
                         max_line_size=self.config.max_request_line,
                         max_field_size=self.config.max_header_bytes)
         runner = self._runner = web.ServerRunner(server, handle_signals=False)

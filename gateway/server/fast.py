@@ -236,7 +236,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserInvalidMethodError:
             self._reject(400, "bad_request", "invalid method")
         except httptools.HttpParserError as exc:
-            self._reject(400, "bad_request", f"malformed request: {exc}")
+            # Neither the answer nor the INFO log quotes the client's bytes: a malformed
+            # line may carry a credential. The parser's reason goes to DEBUG only.
+            log.debug("malformed request from %s: %s", self.peer, exc)
+            self._reject(400, "bad_request", "malformed request")
         pending = self._pending
         if pending is not None:
             # Its body did not all come in this read: the Task path, as for any streamed body.
@@ -246,6 +249,9 @@ class _Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # The client half-closed: finish what was asked (its answers still go out), then close.
+        body = self._body
+        if body is not None:  # ... but a body cut off here will never be whole: it left
+            body.fail()
         if self.task is None and not self.queue and self.fast is None:
             return None  # transport closes
         self.closing = True
@@ -504,9 +510,11 @@ class _Connection(asyncio.Protocol):
                     transport.close()
 
     def _reject(self, status: int, code: str, message: str) -> None:
-        """A request we cannot parse or accept: answer it and close. With earlier requests
-        still being answered (one may already be at the backend), read no further and close
-        after their answers: dropping them would lose a POST's result."""
+        """A request we cannot parse or accept: answer it and close (`message` must not
+        quote the client's bytes). With earlier requests still being answered (one may
+        already be at the backend), read no further and close after their answers: dropping
+        them would lose a POST's result."""
+        log.info("rejected a request from %s: %d %s", self.peer, status, code)
         if (self.task is not None or self.queue or self.fast is not None
                 or self._pending is not None):
             self._stop_reading()
