@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from typing import Annotated, Any, TypeVar
@@ -401,10 +401,15 @@ def _addresses(value: Any) -> tuple[tuple[str, int], ...]:
         return (parse_address(value),)
     if not value:
         raise problem("needs at least one address")
+    return each(value, parse_address)
+
+
+def each(items: Iterable[Any], check: Callable[[Any], T]) -> tuple[T, ...]:
+    """`check` applied to every item of a list; a problem names the item's index."""
     out = []
-    for i, item in enumerate(value):
+    for i, item in enumerate(items):
         try:
-            out.append(parse_address(item))
+            out.append(check(item))
         except PydanticCustomError as exc:
             raise problem(exc.message(), i) from None
     return tuple(out)

@@ -13,7 +13,6 @@ from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter
 from pydantic import model_validator as model_check
 from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
-from pydantic_core import PydanticCustomError
 
 from gateway.jsonpath import JsonPath
 from gateway.schema import (
@@ -21,6 +20,7 @@ from gateway.schema import (
     Name,
     Text,
     duration,
+    each,
     integer,
     number,
     problem,
@@ -63,13 +63,7 @@ def _path_list(value: Any) -> tuple[JsonPath, ...]:
     if not isinstance(value, list | tuple):
         raise problem("expected a path or a list of paths, got "
                       f"{'a mapping' if isinstance(value, dict) else type(value).__name__}")
-    out = []
-    for i, item in enumerate(value):
-        try:
-            out.append(_json_path(item))
-        except PydanticCustomError as exc:
-            raise problem(exc.message(), i) from None
-    return tuple(out)
+    return each(value, _json_path)
 
 
 PathList = Annotated[tuple[JsonPath, ...], typed(_path_list, {"anyOf": [
