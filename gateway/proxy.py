@@ -52,8 +52,8 @@ _DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
 _JSON = (b"Content-Type", b"application/json")
 REQUEST_ID = b"X-Request-ID"
 # What the request-header pass does with a (lower-case) name; absent: forwarded as is.
-_H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
-    _H_REQUEST_ID, _H_FORWARDED = range(8)
+_H_PLAIN, _H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, \
+    _H_FORWARDED_HOST, _H_REQUEST_ID, _H_FORWARDED, _H_LENGTH = range(10)
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     **dict.fromkeys(_DROP_REQUEST | _NOT_FORWARDED, _H_DROP),
     b"host": _H_HOST,
@@ -63,7 +63,41 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"x-forwarded-host": _H_FORWARDED_HOST,
     b"x-request-id": _H_REQUEST_ID,
     b"forwarded": _H_FORWARDED,
+    b"content-length": _H_LENGTH,
 }
+# The same by the name as received: clients repeat their spellings, and one dict lookup is
+# cheaper than lower-casing every name of every request. Bounded (names are the client's).
+_REQUEST_KIND_BY_RAW: dict[bytes, int] = {}
+_RESPONSE_KIND_BY_RAW: dict[bytes, int] = {}
+RAW_NAME_CACHE_MAX = 1024
+# What the response-header pass does with a name.
+R_PLAIN, R_DROP, R_CONNECTION, R_REQUEST_ID, R_FRAMING = range(5)
+
+
+def request_header_kind(name: bytes) -> int:
+    kind = _REQUEST_HEADER_KIND.get(name.lower(), _H_PLAIN)
+    if len(_REQUEST_KIND_BY_RAW) < RAW_NAME_CACHE_MAX:
+        _REQUEST_KIND_BY_RAW[name] = kind
+    return kind
+
+
+def response_header_kind(name: bytes) -> int:
+    """What the proxy does with a backend's response header `name` (as received)."""
+    kind = _RESPONSE_KIND_BY_RAW.get(name)
+    if kind is not None:
+        return kind
+    lower = name.lower()
+    if lower in _DROP_RESPONSE:
+        kind = R_CONNECTION if lower == b"connection" else R_DROP
+    elif lower == b"x-request-id":
+        kind = R_REQUEST_ID
+    elif lower == b"content-length" or lower == b"transfer-encoding":
+        kind = R_FRAMING
+    else:
+        kind = R_PLAIN
+    if len(_RESPONSE_KIND_BY_RAW) < RAW_NAME_CACHE_MAX:
+        _RESPONSE_KIND_BY_RAW[name] = kind
+    return kind
 
 
 class BodyTooLarge(Exception):
@@ -131,7 +165,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started")
+                 "started", "framed")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -141,6 +175,7 @@ class Plan:
     key: str | None
     path: str
     started: float
+    framed: bool  # `headers` carry the client's Content-Length
 
 
 class Resume:
@@ -288,7 +323,7 @@ class Proxy:
         started = time.perf_counter()
         # One pass over the headers: what is forwarded, and the few values we need. One dict
         # lookup per header name; a forwarded header keeps its (name, value) tuple.
-        kind_of = _REQUEST_HEADER_KIND.get
+        kind_of = _REQUEST_KIND_BY_RAW.get
         out: Headers = []
         append = out.append
         host: bytes | None = None
@@ -296,15 +331,21 @@ class Proxy:
         rid_at = -1
         connection: bytes | None = None
         forwarded_for: bytes | None = None
-        has_proto = has_fhost = False
+        has_proto = has_fhost = framed = False
         # A client's own forwarding headers are lies until a trusted proxy sent them.
         trusted = bool(self.trusted_proxies) and self.trusts(request.peer)
         for item in request.headers:
-            kind = kind_of(item[0].lower())
+            kind = kind_of(item[0])
             if kind is None:
+                kind = request_header_kind(item[0])
+            if kind == _H_PLAIN:
                 append(item)
                 continue
             if kind == _H_DROP:
+                continue
+            if kind == _H_LENGTH:
+                framed = True
+                append(item)
                 continue
             if kind == _H_HOST:
                 host = item[1]
@@ -338,6 +379,7 @@ class Proxy:
             append(item)
         if connection is not None and (extra := connection_tokens(connection)):
             out = [(n, v) for n, v in out if n.lower() not in extra]
+            framed = framed and b"content-length" not in extra
             rid_at = next((i for i, (n, _) in enumerate(out) if n.lower() == b"x-request-id"),
                           -1)
 
@@ -403,6 +445,7 @@ class Proxy:
         plan.key = key
         plan.path = path
         plan.started = started
+        plan.framed = framed
         return plan
 
     async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
@@ -551,17 +594,22 @@ class Proxy:
         out: Headers = []
         has_id = framed = False
         named: frozenset[bytes] = frozenset()
-        for name, value in resp.headers:
-            lower = name.lower()
-            if lower in _DROP_RESPONSE:
-                if lower == b"connection":
-                    named |= connection_tokens(value)
-                continue
-            if lower == b"x-request-id":
-                has_id = True
-            elif lower == b"content-length" or lower == b"transfer-encoding":
-                framed = True
-            out.append((name, value))
+        kind_of = _RESPONSE_KIND_BY_RAW.get
+        for item in resp.headers:
+            kind = kind_of(item[0])
+            if kind is None:
+                kind = response_header_kind(item[0])
+            if kind != R_PLAIN:
+                if kind == R_DROP:
+                    continue
+                if kind == R_CONNECTION:
+                    named |= connection_tokens(item[1])
+                    continue
+                if kind == R_REQUEST_ID:
+                    has_id = True
+                else:
+                    framed = True
+            out.append(item)
         if named:  # rare: headers the backend's Connection header made hop-by-hop
             out = [(n, v) for n, v in out if n.lower() not in named]
             has_id = any(n.lower() == b"x-request-id" for n, _ in out)

@@ -44,7 +44,20 @@ import httptools
 import orjson
 
 from gateway.config import ServerConfig
-from gateway.proxy import BUFFER_REQUEST_UP_TO, ClientGone, Proxy, ProxyRequest, Resume
+from gateway.proxy import (
+    _PLAIN_CONNECTION,
+    _RESPONSE_KIND_BY_RAW,
+    BUFFER_REQUEST_UP_TO,
+    R_CONNECTION,
+    R_FRAMING,
+    R_PLAIN,
+    R_REQUEST_ID,
+    ClientGone,
+    Proxy,
+    ProxyRequest,
+    Resume,
+    response_header_kind,
+)
 from gateway.server import fastpath
 from gateway.server.tls import tls_context
 from gateway.upstream import Headers
@@ -579,6 +592,52 @@ class _Connection(asyncio.Protocol):
             transport.write(head + body)
         else:
             transport.writelines((head, body))
+
+    def answer_backend(self, status: int, reason: str, backend_headers: Headers, rid: bytes,
+                       body: bytes) -> bool:
+        """Write a backend's whole answer: `Proxy._response_headers` and `answer_now` in one
+        pass over the headers, at C speed. False, having written nothing, for an answer that
+        needs the general way (a Connection header naming other headers)."""
+        lines = [b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1", "replace"))]
+        append = lines.append
+        kind_of = _RESPONSE_KIND_BY_RAW.get
+        has_id = False
+        for item in backend_headers:
+            kind = kind_of(item[0])
+            if kind is None:
+                kind = response_header_kind(item[0])
+            if kind == R_PLAIN or kind == R_FRAMING:
+                append(b": ".join(item))
+            elif kind == R_CONNECTION:
+                if item[1] not in _PLAIN_CONNECTION:
+                    return False
+            elif kind == R_REQUEST_ID:
+                has_id = True
+                append(b": ".join(item))
+        if not has_id:
+            append(b"X-Request-ID: " + rid)
+        answering = self._answering
+        if (not self._out_keep_alive or self.closing or answering is not None
+                and answering.body is not None and not cast(_Body, answering.body).done):
+            self._out_keep_alive = False
+            append(b"Connection: close")
+        elif not self._out_http11:
+            append(b"Connection: keep-alive")
+        append(b"")
+        if self.closed:
+            return True
+        transport = self.transport
+        assert transport is not None
+        if self._head_only or not body or status in _NO_BODY_STATUS:
+            append(b"")
+            transport.write(b"\r\n".join(lines))
+        elif len(body) <= 64 * 1024:
+            append(body)
+            transport.write(b"\r\n".join(lines))
+        else:
+            append(b"")
+            transport.writelines((b"\r\n".join(lines), body))
+        return True
 
     async def send_head(self, status: int, reason: str, headers: Headers) -> None:
         if self.closed:

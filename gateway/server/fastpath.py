@@ -58,6 +58,12 @@ class Client(Protocol):
     def answer_now(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         """Write a whole answer (as `ResponseSink.send`, without waiting for a slow reader)."""
 
+    def answer_backend(self, status: int, reason: str, backend_headers: Headers, rid: bytes,
+                       body: bytes) -> bool:
+        """Write a backend's answer with its hop-by-hop headers dropped and X-Request-ID
+        added (as `Proxy._response_headers` + `answer_now`); False, having written nothing,
+        when only those two can (a Connection header listing other headers)."""
+
     def fast_done(self, request: ProxyRequest) -> None:
         """The answer is written: go on with the connection (next request, keep-alive...)."""
 
@@ -110,16 +116,15 @@ class FastExchange:
         proxy = self.proxy
         client = self.client
         status = resp.status
-        headers, _ = Proxy._response_headers(resp, plan.rid)
         exchange = (proxy.exchange(plan, request, status, resp.headers, self.payload)
                     if plan.route.taps else None)
+        body = resp.body_now()
         if status in _NO_BODY_STATUS:
-            resp.body_now()
-            client.answer_now(status, resp.reason, headers, b"")
-        else:
-            body = resp.body_now()
-            if exchange is not None:
-                exchange.response_body = body
+            body = b""
+        elif exchange is not None:
+            exchange.response_body = body
+        if not client.answer_backend(status, resp.reason, resp.headers, plan.rid, body):
+            headers, _ = Proxy._response_headers(resp, plan.rid)
             client.answer_now(status, resp.reason, headers, body)
         self._uncount()
         proxy.finished(plan, request, status, exchange)
@@ -187,7 +192,7 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     exchange.sent = time.perf_counter()
     try:
         started = upstream.try_start(request.method, request.target, plan.headers, payload,
-                                     plan.route.timeouts.read, exchange)
+                                     plan.route.timeouts.read, exchange, plan.framed)
     except ValueError:
         started = False  # a header that cannot be written: the Task path answers 400
     if not started:
