@@ -299,16 +299,14 @@ class _Connection(asyncio.Protocol):
                           f"{self.config.max_request_line} bytes")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        headers = self._headers
-        headers.append((name, value))
-        self._header_bytes += len(name) + len(value)
-        if len(headers) > self.config.max_headers:
-            raise _Reject(431, "too_many_headers",
-                          f"more than {self.config.max_headers} header lines")
+        # The line count is checked once the head is in (on_headers_complete): the byte limit
+        # bounds it meanwhile (every line has a name).
+        self._headers.append((name, value))
+        n = len(name)
+        self._header_bytes += n + len(value)
         if self._header_bytes > self.config.max_header_bytes:
             raise _Reject(431, "headers_too_large",
                           f"headers over {self.config.max_header_bytes} bytes")
-        n = len(name)
         if n == 14 or n == 17 or n == 6:
             lower = name.lower()
             if lower == b"content-length":
@@ -319,6 +317,9 @@ class _Connection(asyncio.Protocol):
                 self._expect = value.lower() == b"100-continue"
 
     def on_headers_complete(self) -> None:
+        if len(self._headers) > self.config.max_headers:
+            raise _Reject(431, "too_many_headers",
+                          f"more than {self.config.max_headers} header lines")
         self.in_headers = False
         self.deadline = 0.0
         parser = self.parser
@@ -618,7 +619,8 @@ class _Connection(asyncio.Protocol):
             append(b"X-Request-ID: " + rid)
         answering = self._answering
         if (not self._out_keep_alive or self.closing or answering is not None
-                and answering.body is not None and not cast(_Body, answering.body).done):
+                and answering.body is not None
+                and not answering.body.done):  # type: ignore[attr-defined]  # a _Body
             self._out_keep_alive = False
             append(b"Connection: close")
         elif not self._out_http11:

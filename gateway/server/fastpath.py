@@ -182,7 +182,7 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     if type(upstream) is not FastUpstream:
         client.resume(request, keep_alive, Resume(plan))
         return
-    body = cast(BufferedBody | None, request.body)
+    body: BufferedBody | None = request.body  # type: ignore[assignment]  # the fast server's
     payload: bytes | None = None
     if body is not None:
         chunks = body.chunks
