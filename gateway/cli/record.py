@@ -100,7 +100,7 @@ def record(args: argparse.Namespace) -> int:
               f"{view['duration_s']:g}s (Ctrl-C stops early)", file=out)
         try:
             while view["state"] == "recording":
-                time.sleep(args.poll)
+                _pause(args.poll)
                 view = client.get(f"/admin/recordings/{rid}")
                 print(_progress(view), file=out, flush=True)
         except KeyboardInterrupt:
@@ -116,6 +116,11 @@ def record(args: argparse.Namespace) -> int:
         print(f"{view['captured']} exchanges ({view['dropped']} dropped, ended by "
               f"{view['stop_reason']}) written to {path} ({written} bytes)")
     return 0
+
+
+def _pause(seconds: float) -> None:
+    """Between progress updates (where Ctrl-C usually lands; tests replace it)."""
+    time.sleep(seconds)
 
 
 def _progress(view: dict[str, Any]) -> str:
