@@ -31,9 +31,9 @@ from tests.helpers import (
     running_gateway,
     wait_for,
 )
+from tests.test_record_admin import RECORDINGS, ended
 
 RANGES = [(4.0, 8.0), (2.0, 4.5), (1.0, 7.0), (0.1, 2.5)]
-RECORDINGS = "/admin/routes/classifier/recordings"
 
 
 def batches(seed: int, n: int) -> list[list[list[float]]]:
@@ -50,15 +50,6 @@ async def send_all(gw: RunningGateway, bodies: list[list[list[float]]]) -> None:
                            headers={"x-user-id": f"u{start + i}", "Authorization": "Bearer s3"})
             for i, rows in enumerate(bodies[start:start + 20])))
         assert [r.status_code for r in responses] == [200] * len(responses)
-
-
-async def finished(gw: RunningGateway, rid: str) -> dict[str, Any]:
-    async def done() -> dict[str, Any] | None:
-        view: dict[str, Any] = (await gw.admin.get(f"/admin/recordings/{rid}")).json()
-        return view if view["state"] == "done" else None
-
-    found: dict[str, Any] = await wait_for(done, message=f"recording {rid} to end")
-    return found
 
 
 async def direct(captured: list[Captured], blue: str, green: str,
@@ -105,7 +96,7 @@ async def test_replay_against_green_equals_calling_blue_and_green_directly(
         rid = r.json()["id"]
         assert gw.gateway.table.by_name["classifier"].taps  # the route has the tap now
         await send_all(gw, bodies)  # 20 more than max_requests: the recording stops at n
-        view = await finished(gw, rid)
+        view = await ended(gw, rid)
         assert (view["captured"], view["dropped"], view["stop_reason"]) == (n, 0,
                                                                            "max_requests")
         assert gw.gateway.table.by_name["classifier"].taps == ()  # and pays nothing again
