@@ -32,6 +32,7 @@ from gateway.control import ControlPlane
 from gateway.metrics import Recorder
 from gateway.monitoring.component import Monitoring
 from gateway.proxy import Proxy
+from gateway.record.component import Recordings
 from gateway.rollout.component import Rollouts
 from gateway.routing import (
     Backend,
@@ -49,7 +50,7 @@ log = logging.getLogger("modelgate")
 
 
 def default_components() -> list[ComponentFactory]:
-    return [Monitoring, Shadowing, Rollouts]
+    return [Monitoring, Shadowing, Rollouts, Recordings]
 
 
 C = TypeVar("C")
@@ -118,6 +119,7 @@ class Gateway:
         self.rollouts: Rollouts | None = _one(self.components, Rollouts)
         self.shadowing: Shadowing | None = _one(self.components, Shadowing)
         self.monitoring: Monitoring | None = _one(self.components, Monitoring)
+        self.recordings: Recordings | None = _one(self.components, Recordings)
         self.ready = False
         self.draining = False
         self.started_at = 0.0

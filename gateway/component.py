@@ -88,5 +88,9 @@ class Host(Protocol):
     static: dict[str, StaticRoute]
     hooks: Hooks
 
+    def refresh_route(self, name: str) -> None:
+        """Recompile route `name`'s snapshot: a component's tap for it changed (a recording
+        started or ended)."""
+
 
 ComponentFactory = Callable[[Any], Component]

@@ -17,7 +17,7 @@ from gateway.admin.endpoint import Call, Endpoint, handler
 from gateway.admin.host import AdminHost
 from gateway.admin.http import ROLES_KEY, TOKENS_KEY, auth_middleware, error_middleware
 from gateway.admin.openapi import openapi_document
-from gateway.admin.routes import core, monitoring, rollout, shadow
+from gateway.admin.routes import core, monitoring, record, rollout, shadow
 from gateway.config import AdminConfig
 
 MAX_BODY = 1024 * 1024
@@ -32,6 +32,8 @@ def admin_endpoints(host: AdminHost, app: web.Application) -> list[Endpoint]:
         found += rollout.endpoints(host.rollouts)
     if host.monitoring is not None:
         found += monitoring.endpoints(host.monitoring)
+    if host.recordings is not None:
+        found += record.endpoints(host.recordings)
     found += dashboard.install(app, host)
     document: dict[str, Any] = {}
 

@@ -11,6 +11,7 @@ from gateway.component import Host
 
 if TYPE_CHECKING:
     from gateway.monitoring.component import Monitoring
+    from gateway.record.component import Recordings
     from gateway.rollout.component import Rollouts
     from gateway.shadow.component import Shadowing
 
@@ -24,5 +25,6 @@ class AdminHost(Host, Protocol):
     rollouts: Rollouts | None
     shadowing: Shadowing | None
     monitoring: Monitoring | None
+    recordings: Recordings | None
 
     def member_info(self) -> dict[str, Any]: ...

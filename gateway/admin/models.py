@@ -14,12 +14,19 @@ schema-driven fuzz test, not the handlers.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, create_model
 from pydantic import model_validator as model_check
 from pydantic.dataclasses import dataclass
 
+from gateway.record.component import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_REQUESTS,
+    MAX_BYTES,
+    MAX_DURATION,
+)
 from gateway.rollout.plan import MIN_CHECK_INTERVAL, RolloutPlan
 from gateway.schema import (
     MODEL,
@@ -27,6 +34,8 @@ from gateway.schema import (
     duration,
     number,
     problem,
+    size,
+    text,
     typed,
     unknown_backend,
     weight,
@@ -35,6 +44,7 @@ from gateway.schema import (
 MAX_REASON = 1024  # characters of an operator's reason kept in the audit event
 MAX_EVENTS = 10_000
 MAX_WINDOW = 900.0  # monitoring windows: the 15 minutes of per-second slots
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 Reason = Annotated[str, Field(max_length=MAX_REASON,
                               description="why (kept in the audit event)")]
@@ -180,6 +190,40 @@ def _plan_fields() -> dict[str, Any]:
 
 RolloutStart: type[StartOptions] = create_model("RolloutStart", __base__=StartOptions,
                                                  **_plan_fields())
+
+
+MAX_REDACTIONS = 100
+HeaderName = Annotated[str, text(
+    lambda v: None if _TOKEN.fullmatch(v) else f"not a header name: {v!r}",
+    pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+JsonField = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class RecordingStart:
+    """``POST /admin/routes/{route}/recordings``: capture `sample_percent` of the route's
+    exchanges for `duration_s` (or until `max_requests` or `max_bytes` of JSON lines).
+    Authorization, Proxy-Authorization, Cookie and Set-Cookie are always redacted."""
+
+    duration_s: Annotated[float, duration(1, MAX_DURATION), Field(
+        description="how long, e.g. '10m' (1s to 24h)")]
+    sample_percent: Annotated[float, weight(0.01)] = 100.0
+    max_requests: Annotated[int, whole(1, 10_000_000)] = DEFAULT_MAX_REQUESTS
+    max_bytes: Annotated[int, size(1024, "1KiB"), Field(
+        description=f"JSON-lines bytes before gzip (at most {MAX_BYTES // 2**20}MiB)")] \
+        = DEFAULT_MAX_BYTES
+    redact_headers: Annotated[tuple[HeaderName, ...], Field(max_length=MAX_REDACTIONS)] = ()
+    redact_json_fields: Annotated[tuple[JsonField, ...], Field(
+        max_length=MAX_REDACTIONS,
+        description="JSON object keys blanked at any depth of request and response bodies")] \
+        = ()
+
+    @model_check(mode="after")
+    def _bounded(self) -> RecordingStart:
+        if self.max_bytes > MAX_BYTES:
+            raise problem(f"must be at most {MAX_BYTES // 2**20}MiB, got {self.max_bytes}",
+                          "max_bytes")
+        return self
 
 
 # -- query strings
@@ -337,6 +381,25 @@ class Alarm(_Open):
     since: float | None
 
 
+class RecordingView(_Open):
+    id: str
+    route: str
+    state: Literal["recording", "done"]
+    stop_reason: str | None
+    process: str
+    started: float
+    ends_at: float
+    ended: float | None
+    captured: int
+    dropped: int
+    bytes: int
+    compressed_bytes: int
+
+
+class RecordingList(_Open):
+    recordings: list[RecordingView]
+
+
 class AlarmList(_Open):
     alarms: list[Alarm]
 
@@ -352,3 +415,4 @@ ROLLOUT_START = TypeAdapter(RolloutStart)
 EVENTS_QUERY = TypeAdapter(EventsQuery)
 WINDOW_QUERY = TypeAdapter(WindowQuery)
 SHADOW_QUERY = TypeAdapter(ShadowQuery)
+RECORDING_START = TypeAdapter(RecordingStart)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -93,6 +94,28 @@ class AdminClient:
 
     def delete(self, path: str) -> Any:
         return self.request("DELETE", path)
+
+    def download(self, path: str, dest: Path) -> int:
+        """Stream a file the admin API serves into `dest`; the bytes written."""
+        written = 0
+        try:
+            with self._client.stream("GET", path) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    try:
+                        message = orjson.loads(resp.content).get("message")
+                    except (orjson.JSONDecodeError, AttributeError):
+                        message = None
+                    raise CliError(f"{message or 'download failed'} (HTTP {resp.status_code})")
+                with dest.open("wb") as fh:
+                    for chunk in resp.iter_bytes():
+                        fh.write(chunk)
+                        written += len(chunk)
+        except httpx.HTTPError as exc:
+            raise CliError(f"cannot download from {self.base_url}: {exc}") from None
+        except OSError as exc:
+            raise CliError(f"cannot write {dest}: {exc}") from None
+        return written
 
     def close(self) -> None:
         self._client.close()

@@ -112,9 +112,14 @@ def _num(value: float | None) -> str:
 
 
 def render_report(report: dict[str, Any], console: Console) -> None:
-    """Two columns (window, since start) of the main figures, then the confusion counts."""
+    """Columns (the window, if any, then since start) of the main figures, then the
+    confusion counts. A replay report (``modelgate replay``) has no window: one column."""
+    replayed = report.get("replay")
     state = report.get("shadow")
-    if state:
+    if replayed:
+        head = (f"replay of {replayed['file']}: route {report['route']}, recorded live "
+                f"{report['live']}, candidate {report['backend']}")
+    elif state:
         head = (f"route {report['route']}: live {report['live']}, shadow {state['backend']} "
                 f"at {state['sample']:g}%")
     else:
@@ -123,67 +128,71 @@ def render_report(report: dict[str, Any], console: Console) -> None:
     how = compare["preset"] or f"path {compare['path']}"
     console.print(f"{head}; comparing {how}")
     window, total = report.get("window"), report.get("total")
-    if window is None or total is None:
+    if total is None or (window is None and not replayed):
         console.print("no mirrored requests yet")
         return
-    if report.get("backend") and (not state or state["backend"] != report["backend"]):
+    if report.get("backend") and not replayed and (
+            not state or state["backend"] != report["backend"]):
         console.print(f"(figures for backend {report['backend']})")
 
-    table = Table(title=f"shadow report: {report['route']} -> {report['backend']}")
+    columns: list[tuple[str, dict[str, Any]]] = []
+    if window is not None:
+        columns.append((f"last {window['seconds']:g}s", window))
+    columns.append(("replayed" if replayed else "since start", total))
+    side = "candidate" if replayed else "shadow"
+    table = Table(title=f"{'replay' if replayed else 'shadow'} report: {report['route']} -> "
+                        f"{report['backend']}")
     table.add_column("")
-    table.add_column(f"last {window['seconds']:g}s", justify="right")
-    table.add_column("since start", justify="right")
-    rows: list[tuple[str, str, str]] = [
-        ("pairs compared", str(window["compared"]), str(total["compared"])),
-        ("agreement", _pct(window["agreement_rate"]), _pct(total["agreement_rate"])),
-        ("pairs in full agreement", _pct(window["pair_agreement_rate"]),
-         _pct(total["pair_agreement_rate"])),
-        ("elements compared", str(window["elements"]["compared"]),
-         str(total["elements"]["compared"])),
-        ("disagreeing pairs", str(window["disagree"]), str(total["disagree"])),
-        ("copies dropped", str(window["dropped"]), str(total["dropped"])),
-        ("  of which shadow down", str(window["dropped_shadow_down"]),
-         str(total["dropped_shadow_down"])),
-        ("shadow errors", str(window["shadow_errors"]), str(total["shadow_errors"])),
-        ("shadow timeouts", str(window["shadow_timeouts"]), str(total["shadow_timeouts"])),
-        ("live errors", str(window["live_errors"]), str(total["live_errors"])),
-        ("unparsed", str(window["unparsed"]), str(total["unparsed"])),
-    ]
+    for title, _ in columns:
+        table.add_column(title, justify="right")
+
+    def add(label: str, cell: Any) -> None:
+        table.add_row(label, *(cell(data) for _, data in columns))
+
+    add("pairs compared", lambda d: str(d["compared"]))
+    add("agreement", lambda d: _pct(d["agreement_rate"]))
+    add("pairs in full agreement", lambda d: _pct(d["pair_agreement_rate"]))
+    add("elements compared", lambda d: str(d["elements"]["compared"]))
+    add("disagreeing pairs", lambda d: str(d["disagree"]))
+    if not replayed:
+        add("copies dropped", lambda d: str(d["dropped"]))
+        add("  of which shadow down", lambda d: str(d["dropped_shadow_down"]))
+    add(f"{side} errors", lambda d: str(d["shadow_errors"]))
+    add(f"{side} timeouts", lambda d: str(d["shadow_timeouts"]))
+    add("live errors", lambda d: str(d["live_errors"]))
+    add("unparsed", lambda d: str(d["unparsed"]))
     if total["numbers"]["compared"]:
-        rows += [
-            ("numbers within tolerance",
-             f"{window['numbers']['within_tolerance']}/{window['numbers']['compared']}",
-             f"{total['numbers']['within_tolerance']}/{total['numbers']['compared']}"),
-            ("mean |delta|", _num(window["numbers"]["mean_delta"]),
-             _num(total["numbers"]["mean_delta"])),
-            ("max |delta|", _num(window["numbers"]["max_delta"]),
-             _num(total["numbers"]["max_delta"])),
-        ]
+        add("numbers within tolerance",
+            lambda d: f"{d['numbers']['within_tolerance']}/{d['numbers']['compared']}")
+        add("mean |delta|", lambda d: _num(d["numbers"]["mean_delta"]))
+        add("max |delta|", lambda d: _num(d["numbers"]["max_delta"]))
     if total["text"]["compared"]:
-        rows.append(("texts agreeing", f"{window['text']['agree']}/{window['text']['compared']}",
-                     f"{total['text']['agree']}/{total['text']['compared']}"))
+        add("texts agreeing", lambda d: f"{d['text']['agree']}/{d['text']['compared']}")
         if total["text"]["mean_similarity"] is not None:
-            rows.append(("mean similarity", _num(window["text"]["mean_similarity"]),
-                         _num(total["text"]["mean_similarity"])))
-    for side in ("live", "shadow"):
+            add("mean similarity", lambda d: _num(d["text"]["mean_similarity"]))
+    for who, key in (("live", "live"), (side, "shadow")):
         for q in ("p50", "p99"):
-            rows.append((f"{side} latency {q}", _ms(window["latency"][side][q]),
-                         _ms(total["latency"][side][q])))
-    for row in rows:
-        table.add_row(*row)
+            add(f"{who} latency {q}", lambda d, k=key, q=q: _ms(d["latency"][k][q]))
     console.print(table)
 
-    matrix: dict[str, dict[str, int]] = window["confusion"] or total["confusion"]
+    which, matrix = columns[-1][0], total["confusion"]
+    if window is not None and window["confusion"]:
+        which, matrix = columns[0][0], window["confusion"]
     if matrix:
-        which = f"last {window['seconds']:g}s" if window["confusion"] else "since start"
         shadow_labels = sorted({s for row in matrix.values() for s in row})
-        conf = Table(title=f"confusion counts ({which}): rows live, columns shadow")
-        conf.add_column("live \\ shadow")
+        conf = Table(title=f"confusion counts ({which}): rows live, columns {side}")
+        conf.add_column(f"live \\ {side}")
         for label in shadow_labels:
             conf.add_column(label, justify="right")
         for live in sorted(matrix):
             conf.add_row(live, *(str(matrix[live].get(s, 0)) for s in shadow_labels))
         console.print(conf)
+    if replayed:
+        rate = f", at most {replayed['rate']:g}/s" if replayed["rate"] else ""
+        console.print(f"{replayed['requests']} requests replayed in {replayed['elapsed_s']:g}s, "
+                      f"{replayed['concurrency']} at a time{rate}; timeout "
+                      f"{report['timeout']:g}s")
+        return
     queue = report["queue"]
     console.print(f"queue {queue['depth']}/{queue['capacity']} copies, "
                   f"{queue['senders']} senders; timeout {report['timeout']:g}s")

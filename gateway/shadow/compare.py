@@ -25,9 +25,10 @@ so a classifier is judged by its labels and a regressor by its numbers).
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -283,3 +284,42 @@ def _is_number(value: Any) -> bool:
 def _is_label(value: Any, strings_are_text: bool) -> bool:
     kind = type(value)
     return value is None or kind is bool or kind is int or (kind is str and not strings_are_text)
+
+
+class Judgement(NamedTuple):
+    """How one live/shadow pair came out: the outcome (one of `stats.OUTCOMES`), the
+    comparison (None unless both answered 2xx with a prediction) and both predictions
+    (MISSING where there is none)."""
+
+    outcome: str
+    comparison: Comparison | None
+    live_prediction: Any
+    shadow_prediction: Any
+
+
+async def judge(comparator: Comparator, live_status: int, live_body: bytes | None,
+                live_type: str | None, status: int | None, body: bytes | None,
+                body_type: str | None, error: str | None) -> Judgement:
+    """The outcome of one pair, shadow mode's rules: a shadow that timed out or failed
+    (`error`: "timeout" or another kind) is that, then a live non-2xx, then a shadow non-2xx,
+    then no prediction on either side (unparsed), else agree/disagree by `compare()`. Shared
+    by the shadow senders and `modelgate replay`, so both report the same thing."""
+    if error == "timeout":
+        return Judgement("shadow_timeout", None, MISSING, MISSING)
+    if error is not None:
+        return Judgement("shadow_error", None, MISSING, MISSING)
+    if not 200 <= live_status < 300:
+        return Judgement("live_error", None, MISSING, MISSING)
+    if status is None or not 200 <= status < 300:
+        return Judgement("shadow_error", None, MISSING, MISSING)
+    live_pred, preset = comparator.extract(live_body, live_type)
+    shadow_pred, _ = comparator.extract(body, body_type)
+    if live_pred is MISSING or shadow_pred is MISSING:
+        return Judgement("unparsed", None, live_pred, shadow_pred)
+    text = comparator.text_strings(preset)
+    if text and comparator.slow:  # similarity can take tens of ms: off the event loop
+        comparison = await asyncio.to_thread(comparator.compare, live_pred, shadow_pred, text)
+    else:
+        comparison = comparator.compare(live_pred, shadow_pred, text)
+    return Judgement("agree" if comparison.agree else "disagree", comparison, live_pred,
+                     shadow_pred)

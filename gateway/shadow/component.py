@@ -51,7 +51,7 @@ from gateway.errors import (
 from gateway.jsonpath import MISSING
 from gateway.metrics import dense, prom_buckets
 from gateway.routing import Backend, Exchange, Tap, in_sample, threshold
-from gateway.shadow.compare import Comparator, Comparison
+from gateway.shadow.compare import Comparator, judge
 from gateway.shadow.config import ShadowConfig
 from gateway.shadow.log import ComparisonLog
 from gateway.shadow.stats import OUTCOMES, ShadowStats
@@ -282,32 +282,9 @@ class Shadowing:
             error = exc.kind
         shadow_latency = time.perf_counter() - started
 
-        comparator = lane.comparator
-        live_pred: Any = MISSING
-        shadow_pred: Any = MISSING
-        comparison: Comparison | None = None
-        if error == "timeout":
-            outcome = "shadow_timeout"
-        elif error is not None:
-            outcome = "shadow_error"
-        elif not 200 <= ex.status < 300:
-            outcome = "live_error"
-        elif status is None or not 200 <= status < 300:
-            outcome = "shadow_error"
-        else:
-            live_pred, preset = comparator.extract(ex.response_body,
-                                                   _content_type(ex.response_headers))
-            shadow_pred, _ = comparator.extract(body, _content_type(shadow_headers))
-            if live_pred is MISSING or shadow_pred is MISSING:
-                outcome = "unparsed"
-            else:
-                text = comparator.text_strings(preset)
-                if text and comparator.slow:
-                    comparison = await asyncio.to_thread(comparator.compare, live_pred,
-                                                         shadow_pred, text)
-                else:
-                    comparison = comparator.compare(live_pred, shadow_pred, text)
-                outcome = "agree" if comparison.agree else "disagree"
+        outcome, comparison, live_pred, shadow_pred = await judge(
+            lane.comparator, ex.status, ex.response_body, _content_type(ex.response_headers),
+            status, body, _content_type(shadow_headers), error)
         answered = error is None
         tap.stats.record(outcome, ex.latency if answered else None,
                          shadow_latency if answered else None, comparison)
