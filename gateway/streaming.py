@@ -143,10 +143,11 @@ class SseScanner:
 
 class StreamMeter:
     """One streamed answer: `chunk(data, arrived)` after each chunk was written to the client,
-    `finish()` once (whatever way the stream ended)."""
+    `finish()` once (whatever way the stream ended). Inter-event gaps are counted as they
+    come; everything else when the stream ends."""
 
     __slots__ = ("stats", "counters", "sent", "scanner", "first_byte", "first_event",
-                 "last_event", "events", "gaps", "usage")
+                 "last_event", "events", "usage")
 
     def __init__(self, stats: StreamStats, counters: CounterSink, sent: float,
                  sse: bool) -> None:
@@ -158,7 +159,6 @@ class StreamMeter:
         self.first_event: float | None = None
         self.last_event = 0.0
         self.events = 0
-        self.gaps: list[float] = []
         self.usage: tuple[int, int] | None = None
 
     def chunk(self, data: bytes, arrived: float) -> None:
@@ -170,12 +170,17 @@ class StreamMeter:
         events = scanner.feed(data)
         if not events:
             return
+        # Gaps go straight into the histogram: a long stream costs no memory.
+        stats = self.stats
+        gap_hist = stats.gap_hist
         if self.first_event is None:
             self.first_event = arrived
         else:
-            self.gaps.append(arrived - self.last_event)
-        # Several events in one chunk arrived together: the gaps between them are 0.
-        self.gaps.extend([0.0] * (len(events) - 1))
+            gap = arrived - self.last_event
+            gap_hist[bisect.bisect_left(FINE_BOUNDS, gap)] += 1
+            stats.gap_sum += gap
+        if len(events) > 1:  # several events in one chunk arrived together: gaps of 0
+            gap_hist[0] += len(events) - 1
         self.last_event = arrived
         self.events += len(events)
         for event in events:
@@ -200,10 +205,6 @@ class StreamMeter:
             stats.ttft_hist[i] += 1
             stats.ttft_sum += ttft
             stats.events += self.events
-            gap_hist = stats.gap_hist
-            for gap in self.gaps:
-                gap_hist[bisect.bisect_left(FINE_BOUNDS, gap)] += 1
-            stats.gap_sum += sum(self.gaps)
             items += ((TTFT_KEYS[i], 1.0), (EVENTS, float(self.events)),
                       (SPAN, self.last_event - self.first_event))
         if self.usage is not None:
