@@ -135,11 +135,6 @@ class SseScanner:
         self._pending = rest + b"\r" if carry_cr else rest
         return [b for b in blocks if b and _is_event(b)]
 
-    def close(self) -> list[bytes]:
-        """The stream ended: an unterminated last block is no event (the SSE spec drops it)."""
-        self._pending = b""
-        return []
-
 
 class StreamMeter:
     """One streamed answer: `chunk(data, arrived)` after each chunk was written to the client,

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 
+from gateway.config import config_schema
 from gateway.errors import ConfigError
 from gateway.histogram import FINE_BOUNDS
 from gateway.metrics import Recorder, WindowSummary
@@ -191,6 +192,8 @@ def test_ttft_gates() -> None:
 
 
 def test_ttft_gates_in_plans_name_the_key_path() -> None:
+    gates = config_schema()["$defs"]["Gates"]["properties"]
+    assert {"max_ttft_p99_ms", "max_ttft_p99_ratio"} <= set(gates)
     plan = parse_plan({"gates": {"max_ttft_p99_ms": "250", "max_ttft_p99_ratio": 1.5}},
                       {"blue", "green"})
     assert (plan.gates.max_ttft_p99_ms, plan.gates.max_ttft_p99_ratio) == (250, 1.5)
@@ -339,11 +342,16 @@ async def test_streams_arrive_event_by_event_and_ttft_shows_per_backend(
 
 
 async def test_a_candidate_slow_to_start_is_rolled_back_on_ttft(server: str) -> None:
-    """green answers its headers at once but its first token 400 ms late: latency to the
-    response head is unchanged, the TTFT gate rolls it back."""
+    """green's first token comes 400 ms late (the demo's `ttft_ms` fault; its later tokens
+    are as fast as blue's): the TTFT gate rolls it back."""
     async with model_server("v1") as blue, model_server("v2", ttft_ms=400) as green:
         config = chat_config(blue.url, green.url)
         async with running_gateway(config) as gw, ChatTraffic(gw.client):
+            # A bad gate is a 400 naming its key path, and starts nothing.
+            r = await gw.admin.post("/admin/routes/chat/rollout", json={
+                "backend": "green", "gates": {"max_ttft_p99_ms": -5}})
+            assert r.status_code == 400 and "gates.max_ttft_p99_ms" in r.text, r.text
+            assert gw.gateway.control.state("chat").canary_weight == 0
             r = await gw.admin.post("/admin/routes/chat/rollout", json={
                 "backend": "green", "steps": [50, 100], "interval": "5s",
                 "check_interval": "100ms", "window": "10s", "failure_threshold": 2,
