@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import config_schema
 from gateway.errors import ConfigError
@@ -69,6 +71,26 @@ def test_events_split_across_chunks_anywhere() -> None:
     assert one_by_one == want
     # The CRLF blank line cut between CR and LF: the event ends on the LF, not before.
     assert scan(b"data: a\r\n\r", b"\ndata: b\r\n\r\n") == [[], [b"data: a", b"data: b"]]
+
+
+SSE_BITS = st.sampled_from([b"data: x", b"\n", b"\r", b"\r\n", b": c", b"id: 1", b'"usage"',
+                            b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 2}}'])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.lists(SSE_BITS, max_size=30).map(b"".join)),
+       st.lists(st.integers(0, 300), max_size=6))
+def test_any_bytes_cut_anywhere_give_the_same_events_and_never_raise(
+    data: bytes, cuts: list[int]
+) -> None:
+    whole = SseScanner().feed(data)
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    scanner = SseScanner()
+    pieces = [scanner.feed(data[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    got = [e for batch in pieces for e in batch]
+    assert got == whole
+    for event in got:
+        usage_of(event)  # never raises
 
 
 def test_comments_and_blank_blocks_are_no_events() -> None:
