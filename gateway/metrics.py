@@ -35,6 +35,8 @@ from gateway.histogram import (
     quantile,
 )
 from gateway.shadow.stats import ShadowStats
+from gateway.streaming import StreamStats
+from gateway.streaming import families as stream_families
 
 __all__ = ["FINE_BOUNDS", "N_BUCKETS", "PROM_BOUNDS", "dense", "prom_buckets", "quantile"]
 
@@ -138,7 +140,7 @@ class BackendStats:
     __slots__ = (
         "route", "backend", "clock", "status_totals", "hist_totals", "latency_sum_total",
         "error_totals", "counter_totals", "upstream_hist_totals", "upstream_sum_total",
-        "_slots", "_current",
+        "stream", "_slots", "_current",
     )
 
     def __init__(self, route: str, backend: str, clock: Callable[[], float] = time.time) -> None:
@@ -153,6 +155,8 @@ class BackendStats:
         # Time to the backend's response headers (cumulative only: Prometheus, not windows).
         self.upstream_hist_totals = [0] * N_BUCKETS
         self.upstream_sum_total = 0.0
+        # Streamed answers (cumulative; their window numbers are slot counters): streaming.py
+        self.stream = StreamStats()
         self._slots: list[Slot | None] = [None] * WINDOW_SLOTS
         self._current = Slot(-1)
 
@@ -396,5 +400,6 @@ class _Collector:
         for _, family in probes:
             yield family
         yield labels_family
+        yield from stream_families(rec.all_stats())
         for collect in list(rec.gauges.values()):
             yield from collect()

@@ -29,8 +29,9 @@ from urllib.parse import parse_qsl, unquote
 import orjson
 
 from gateway.errors import UpstreamError
-from gateway.metrics import Recorder
+from gateway.metrics import BackendStats, Recorder
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
+from gateway.streaming import StreamMeter, is_event_stream
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
 log = logging.getLogger("modelgate.proxy")
@@ -525,7 +526,8 @@ class Proxy:
             if route.taps:
                 exchange = self.exchange(plan, request, status, resp.headers,
                                          body if isinstance(body, bytes) else None)
-            failure = await self._respond(request, sink, route, resp, rid, exchange)
+            failure = await self._respond(request, sink, route, resp, rid, exchange, stats,
+                                          sent)
             if failure is not None:  # the backend broke mid-body: an error for gates/alarms
                 status = failure.status
                 stats.upstream_error(failure.kind)
@@ -625,8 +627,11 @@ class Proxy:
         resp: UpstreamResponse,
         rid: bytes,
         exchange: Exchange | None,
+        stats: BackendStats,
+        sent: float,
     ) -> UpstreamError | None:
-        """Write the client's response; the backend's failure if its body broke off."""
+        """Write the client's response; the backend's failure if its body broke off. A
+        chunked answer is measured as it passes (gateway/streaming.py), from `sent`."""
         headers, framed = self._response_headers(resp, rid)
         if request.method == "HEAD" or resp.status in _NO_BODY_STATUS:
             if request.method == "HEAD":
@@ -657,10 +662,19 @@ class Proxy:
             [] if exchange is not None and route.needs_response_body else None
         )
         captured = 0
+        # Chunked answers (token streams) are measured; a meter only looks at a chunk after
+        # it was written, so it never delays one.
+        meter = (StreamMeter(stats.stream, stats, sent, is_event_stream(resp.headers))
+                 if chunked else None)
         try:
             await sink.start(resp.status, resp.reason, headers, chunked)
             async for chunk in resp.iter_chunks():
-                await sink.write(chunk)
+                if meter is None:
+                    await sink.write(chunk)
+                else:
+                    arrived = time.perf_counter()
+                    await sink.write(chunk)
+                    meter.chunk(chunk, arrived)
                 if capture is not None:
                     captured += len(chunk)
                     if captured <= route.max_body:
@@ -676,6 +690,9 @@ class Proxy:
         except BaseException:
             resp.close()  # the client went away (or we were cancelled): drop the backend too
             raise
+        finally:
+            if meter is not None:
+                meter.finish()
         await sink.end()
         if capture is not None and exchange is not None:
             exchange.response_body = b"".join(capture)

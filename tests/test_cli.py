@@ -204,7 +204,7 @@ async def test_operator_errors(blue: ModelServer, green: ModelServer,
 # -- check-config --------------------------------------------------------------------------------
 def test_check_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", str(REPO / "configs" / "demo.yaml")]) == 0
-    assert "OK (1 routes)" in capsys.readouterr().out
+    assert "OK (2 routes)" in capsys.readouterr().out
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(

@@ -29,7 +29,7 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 SCREENSHOT = "/tmp/modelgate-dashboard.png"
-CHART_COUNT = 8  # throughput, p50, p99, errors, non-null, missing, traffic, shadow
+CHART_COUNT = 9  # throughput, p50, p99, errors, non-null, missing, ttft, traffic, shadow
 DEADLINE_MS = 20_000
 NONZERO = re.compile(r"[1-9]")
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -104,6 +105,30 @@ async def test_demo_end_to_end(tmp_path: Path) -> None:
                 assert url.startswith("http://127.0.0.1:")
                 health = await client.get(f"{url}/v2/health/ready")  # the URL is the real one
                 assert health.status_code == 200
+
+            # The demo's streaming chat route: TTFT p50/p99 per backend on the dashboard.
+            assert f"http://127.0.0.1:{port}/v1/chat/completions" in printed
+            auth = {"Authorization": f"Bearer {token}"}
+            r = await client.put(f"{admin}/admin/routes/chat/canary", headers=auth,
+                                 json={"backend": "green", "weight": 50})
+            assert r.status_code == 200, r.text
+            for i in range(8):
+                r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions",
+                                      headers={"x-user-id": f"user-{i}"}, json={
+                                          "stream": True, "stream_delay_ms": 1,
+                                          "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+
+            async def ttft() -> dict[str, Any] | None:
+                r = await client.get(f"{admin}/admin/dashboard/data", headers=auth,
+                                     params={"route": "chat"})
+                summary: dict[str, Any] = r.json()["routes"][0]["summary"]
+                seen = all(summary[b]["ttft_p99_ms"] is not None for b in ("blue", "green"))
+                return summary if seen else None
+
+            summary = await wait_for(ttft, timeout=10, interval=0.2, message="TTFT per backend")
+            assert all(0 < summary[b]["ttft_p50_ms"] <= summary[b]["ttft_p99_ms"]
+                       for b in ("blue", "green"))
 
             # The CLI, as a separate process, finds the generated token by the admin port.
             status = subprocess.run(

@@ -100,7 +100,8 @@ def test_faults_validation() -> None:
     faults = Faults(error_rate=0.5)
     with pytest.raises(FaultsError):
         faults.update({"error_rate": 1.5, "latency_ms": 10})
-    assert faults.as_dict() == {"error_rate": 0.5, "latency_ms": 0.0, "null_rate": 0.0}
+    assert faults.as_dict() == {"error_rate": 0.5, "latency_ms": 0.0, "null_rate": 0.0,
+                                "ttft_ms": 0.0}
     with pytest.raises(FaultsError):
         Faults(null_rate=-0.1)
 
@@ -244,7 +245,7 @@ async def test_latency_fault_delays_infer(start: StartServer) -> None:
 async def test_faults_from_start_arguments(start: StartServer) -> None:
     client, _ = await start(error_rate=1.0, latency_ms=5, null_rate=0.25)
     faults = (await client.get("/faults")).json()
-    assert faults == {"error_rate": 1.0, "latency_ms": 5.0, "null_rate": 0.25}
+    assert faults == {"error_rate": 1.0, "latency_ms": 5.0, "null_rate": 0.25, "ttft_ms": 0.0}
     infer = await client.post("/v2/models/classifier/infer", json=_infer_body(IRIS))
     assert infer.status_code == 500
 
@@ -351,9 +352,12 @@ async def test_chat_stream_delivers_chunks_incrementally(start: StartServer) -> 
     chunks = [orjson.loads(payload) for _, payload in arrivals[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert all(c["model_version"] == "v2" for c in chunks)
+    *chunks, closing = chunks  # the last event carries OpenAI-style usage, no choices
     content = [c["choices"][0]["delta"].get("content") for c in chunks]
     assert content[:-1] == tokens
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert closing["choices"] == []
+    assert closing["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
     assert ended - arrivals[0][0] >= 0.2  # First token arrived long before the end.
 
 

@@ -502,7 +502,8 @@ async def test_sse_stream_arrives_chunk_by_chunk(blue: ModelServer, kind: str) -
     assert buffer == b""
     assert arrivals[-1][1] == "[DONE]"
     chunks = [e for _, e in arrivals if isinstance(e, dict)]
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks
+                   if c["choices"])  # the closing event has only `usage`
     assert text == "You said: " + words
     assert all(c["model_version"] == "v1" for c in chunks)
     # 7 tokens 100 ms apart: the first must be in the client's hands long before the last.

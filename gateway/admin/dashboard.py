@@ -43,6 +43,7 @@ from gateway.component import Host
 from gateway.metrics import WINDOW_SLOTS, WindowSummary
 from gateway.schema import MODEL, problem
 from gateway.state import RouteState
+from gateway.streaming import stream_summary
 
 log = logging.getLogger("modelgate.dashboard")
 
@@ -115,7 +116,7 @@ def backend_series(buckets: Sequence[WindowSummary], blank: int = 0) -> dict[str
     for the first `blank` buckets (before the gateway started: not "0 req/s", but nothing)."""
     out: dict[str, list[Any]] = {
         "rps": [], "p50_ms": [], "p99_ms": [], "error_rate": [], "non_null": [],
-        "input_missing": [], "requests": [],
+        "input_missing": [], "requests": [], "ttft_p50_ms": [], "ttft_p99_ms": [],
     }
     for values in out.values():
         values.extend([None] * min(blank, len(buckets)))
@@ -137,6 +138,8 @@ def backend_summary(w: WindowSummary) -> dict[str, Any]:
         "error_rate": _ratio(w.errors, w.requests),
         "non_null": None if probed <= 0 else round(1.0 - w.counter("output_null") / probed, 4),
         "input_missing": _ratio(w.counter("input_missing"), w.counter("input_values")),
+        # Streamed answers: TTFT p50/p99, events/s within a stream, tokens (streaming.py).
+        **stream_summary(w.counters, w.seconds),
     }
 
 

@@ -40,6 +40,8 @@ GATE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max_p99_ratio", float, "max candidate/live p99 ratio, e.g. 1.5"),
     ("max_null_rate", float, "max null-output fraction (needs output probes)"),
     ("min_shadow_agreement", float, "min shadow agreement rate (when shadowing)"),
+    ("max_ttft_p99_ms", float, "max candidate p99 time to first event of streamed answers, ms"),
+    ("max_ttft_p99_ratio", float, "max candidate/live p99 time-to-first-event ratio"),
     ("min_requests", int, "requests in the window before a gate may pass or fail"),
 )
 

@@ -115,6 +115,9 @@ def load_demo_config(explicit: str | None, env: dict[str, str]) -> GatewayConfig
         return load_config(path, env=env)
 
 
+CHAT_BODY = '{"stream": true, "messages": [{"role": "user", "content": "hello there"}]}'
+
+
 def _curl(proxy_url: str) -> str:
     return (f"curl -s -H 'content-type: application/json' -H 'x-user-id: alice' "
             f"-d {shlex.quote(SAMPLE_BODY)} {proxy_url}{INFER_PATH}")
@@ -150,6 +153,9 @@ def instructions(proxy_url: str, admin_url: str, model_urls: dict[str, str],
         "",
         "Send a request:",
         f"  {curl}",
+        "",
+        "Stream a chat answer (route chat; time to first token per backend on the dashboard):",
+        f"  curl -sN -H 'x-user-id: alice' -d '{CHAT_BODY}' {proxy_url}/v1/chat/completions",
         "",
         "Steer traffic (in another terminal, with the venv active):",
         f"  modelgate status{admin_flag}",

@@ -116,7 +116,8 @@ class FaultsError(ValueError):
 
 
 _RATE_KEYS: Final = ("error_rate", "null_rate")
-_FAULT_KEYS: Final = frozenset({"error_rate", "latency_ms", "null_rate"})
+_FAULT_KEYS: Final = frozenset({"error_rate", "latency_ms", "null_rate", "ttft_ms"})
+_DELAY_KEYS: Final = ("latency_ms", "ttft_ms")
 
 
 def _check_number(key: str, value: object) -> float:
@@ -128,8 +129,8 @@ def _check_number(key: str, value: object) -> float:
         raise FaultsError(f"{key} must be finite")
     if key in _RATE_KEYS and not 0.0 <= number <= 1.0:
         raise FaultsError(f"{key} must be between 0 and 1")
-    if key == "latency_ms" and number < 0.0:
-        raise FaultsError("latency_ms must be >= 0")
+    if key in _DELAY_KEYS and number < 0.0:
+        raise FaultsError(f"{key} must be >= 0")
     return number
 
 
@@ -140,6 +141,9 @@ class Faults:
     error_rate: float = 0.0
     latency_ms: float = 0.0
     null_rate: float = 0.0
+    # Streamed chat answers only: a delay between the response head and the first token
+    # (a candidate "slow to start": its time to first token grows, the rest of it does not).
+    ttft_ms: float = 0.0
 
     def __post_init__(self) -> None:
         for key in _FAULT_KEYS:
@@ -444,8 +448,8 @@ def reply_tokens(version: str, text: str) -> list[str]:
     return [reply[0], *(" " + word for word in reply[1:])]
 
 
-def _parse_chat(body: object) -> tuple[str | None, str, bool, float]:
-    """Validate a chat body; returns (model, last user text, stream, delay ms)."""
+def _parse_chat(body: object) -> tuple[str | None, str, bool, float, bool]:
+    """Validate a chat body; returns (model, last user text, stream, delay ms, stamps)."""
     if not isinstance(body, dict):
         raise _BadRequest("body must be a JSON object")
     text = _last_user_text(body.get("messages"))
@@ -462,7 +466,10 @@ def _parse_chat(body: object) -> tuple[str | None, str, bool, float]:
         or not 0.0 <= float(delay) <= _MAX_STREAM_DELAY_MS
     ):
         raise _BadRequest(f"stream_delay_ms must be a number in [0, {_MAX_STREAM_DELAY_MS:g}]")
-    return model, text, stream, float(delay)
+    stamps = body.get("stream_timestamps", False)
+    if not isinstance(stamps, bool):
+        raise _BadRequest("stream_timestamps must be a boolean")
+    return model, text, stream, float(delay), stamps
 
 
 async def _chat(request: web.Request) -> web.StreamResponse:
@@ -471,12 +478,17 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         await _apply_faults(state)  # null_rate has no meaning for chat; only latency/errors.
     except _InjectedError:
         return _error(500, "injected fault")
-    model, text, stream, delay_ms = _parse_chat(await _read_json(request))
+    model, text, stream, delay_ms, stamps = _parse_chat(await _read_json(request))
     tokens = reply_tokens(state.version, text)
     prompt_tokens = len(text.split())
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     model_field = model or state.model_name
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(tokens),
+        "total_tokens": prompt_tokens + len(tokens),
+    }
     if not stream:
         return _json(
             {
@@ -492,16 +504,12 @@ async def _chat(request: web.Request) -> web.StreamResponse:
                         "finish_reason": "stop",
                     }
                 ],
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": len(tokens),
-                    "total_tokens": prompt_tokens + len(tokens),
-                },
+                "usage": usage,
             }
         )
 
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> bytes:
-        payload = {
+    def chunk(delta: dict[str, str] | None, finish_reason: str | None) -> bytes:
+        payload: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
@@ -509,19 +517,28 @@ async def _chat(request: web.Request) -> web.StreamResponse:
             "model_version": state.version,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
-        return b"data: " + orjson.dumps(payload) + b"\n\n"
+        if delta is None:  # the closing event: OpenAI's `stream_options.include_usage` form
+            payload["choices"] = []
+            payload["usage"] = usage
+        event = b"data: " + orjson.dumps(payload) + b"\n\n"
+        # `stream_timestamps`: a comment line with the send time (clients ignore comments;
+        # tests use it to see that events reach them one by one).
+        return b": sent %.6f\n%s" % (time.time(), event) if stamps else event
 
     response = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
     )
     await response.prepare(request)
     try:
+        if state.faults.ttft_ms > 0:
+            await asyncio.sleep(state.faults.ttft_ms / 1000.0)
         for index, token in enumerate(tokens):
             if index and delay_ms > 0:
                 await asyncio.sleep(delay_ms / 1000.0)
             delta = {"role": "assistant", "content": token} if index == 0 else {"content": token}
             await response.write(chunk(delta, None))
         await response.write(chunk({}, "stop"))
+        await response.write(chunk(None, None))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except ConnectionResetError:
@@ -589,6 +606,7 @@ async def start_model_server(
     error_rate: float = 0.0,
     latency_ms: float = 0.0,
     null_rate: float = 0.0,
+    ttft_ms: float = 0.0,
     seed: int | None = None,
     shutdown_timeout: float = 1.0,
 ) -> tuple[web.AppRunner, int]:
@@ -596,7 +614,8 @@ async def start_model_server(
 
     The short shutdown_timeout keeps test/demo teardown fast even with open SSE streams.
     """
-    faults = Faults(error_rate=error_rate, latency_ms=latency_ms, null_rate=null_rate)
+    faults = Faults(error_rate=error_rate, latency_ms=latency_ms, null_rate=null_rate,
+                    ttft_ms=ttft_ms)
     app = build_app(version, model_name, faults, seed=seed)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
@@ -633,6 +652,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--error-rate", type=_rate, default=0.0, help="fraction of 500s")
     parser.add_argument("--latency-ms", type=_non_negative, default=0.0, help="added latency")
     parser.add_argument("--null-rate", type=_rate, default=0.0, help="fraction of null outputs")
+    parser.add_argument("--ttft-ms", type=_non_negative, default=0.0,
+                        help="delay before the first token of a streamed chat answer")
     parser.add_argument(
         "--seed", type=int, default=None, help="fault RNG seed (default: derived from version)"
     )
@@ -652,6 +673,7 @@ async def _serve(args: argparse.Namespace) -> int:
             error_rate=args.error_rate,
             latency_ms=args.latency_ms,
             null_rate=args.null_rate,
+            ttft_ms=args.ttft_ms,
             seed=args.seed,
         )
     except OSError as exc:

@@ -23,8 +23,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from gateway.metrics import EMPTY, Totals, WindowSummary
+from gateway.metrics import EMPTY, Totals, WindowSummary, quantile
 from gateway.rollout.plan import Gates
+from gateway.streaming import ttft_hist
 
 log = logging.getLogger("modelgate.rollout")
 
@@ -181,6 +182,8 @@ def judge(
                                           f"agreement {_fmt(rate)} "
                                           f"{'>=' if verdict == PASS else '<'} {_fmt(limit)} "
                                           f"over {pairs} pairs"))
+    if gates.max_ttft_p99_ms is not None or gates.max_ttft_p99_ratio is not None:
+        results += _ttft_gates(gates, candidate, live, need)
     if gates.no_firing_alarms:
         if alarms is None:
             results.append(_skip("firing_alarms", 0, "monitoring not running"))
@@ -197,6 +200,40 @@ def judge(
     else:
         overall = PASS
     return Analysis(overall, window, Sample.of(candidate), Sample.of(live), tuple(results))
+
+
+def _ttft_gates(gates: Gates, candidate: WindowSummary, live: WindowSummary, need: int
+                ) -> list[GateResult]:
+    """Time to first event (p99) of streamed answers, absolute and relative to live. Judged
+    on streams, not requests: `need` of them (`min_requests`) before a verdict. A route where
+    neither backend streamed in the window skips them (a route without streams never holds on
+    them); a candidate without streams while live has some has no data yet (one whose streams
+    hang must not pass)."""
+    cand_hist = ttft_hist(candidate.counters)
+    live_hist = ttft_hist(live.counters)
+    cand_n, live_n = sum(cand_hist), sum(live_hist)
+    cand_p99 = quantile(cand_hist, 0.99)
+    out: list[GateResult] = []
+    for name, limit in (("ttft_p99_ms", gates.max_ttft_p99_ms),
+                        ("ttft_p99_ratio", gates.max_ttft_p99_ratio)):
+        if limit is None:
+            continue
+        if cand_n == 0 and live_n == 0:
+            out.append(_skip(name, limit, "no streamed answers in the window"))
+            continue
+        if cand_n < need or cand_p99 is None:
+            out.append(GateResult(name, None, limit, NO_DATA,
+                                  f"{cand_n} of {need} streamed answers"))
+            continue
+        if name == "ttft_p99_ms":
+            out.append(_upper(name, cand_p99 * 1000, limit, True))
+            continue
+        live_p99 = quantile(live_hist, 0.99)
+        if live_n < need or live_p99 is None:
+            out.append(_skip(name, limit, f"live has {live_n} of {need} streamed answers"))
+        else:
+            out.append(_upper(name, cand_p99 / live_p99, limit, True))
+    return out
 
 
 def _upper(name: str, value: float | None, limit: float, enough: bool) -> GateResult:

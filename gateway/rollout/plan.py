@@ -13,6 +13,7 @@ use `RolloutPlan`'s JSON Schema as it is. ``step``/``max_weight`` are read into 
       window: 1m                # analysis window (default: interval), bounded by time in step
       failure_threshold: 2      # consecutive failed checks that roll back
       gates: {max_error_rate: 0.01, max_p99_ms: 500, min_requests: 100}
+                                # streamed answers: max_ttft_p99_ms, max_ttft_p99_ratio
       health_path: /v2/health/ready   # readiness check before a switch or a start
       smoke: {method: POST, path: /v2/models/m/infer, body: {...}, status: 200}
 
@@ -87,13 +88,17 @@ class Gates:
     max_p99_ratio: Positive = None
     max_null_rate: Rate = None
     min_shadow_agreement: Rate = None
+    # Streamed (server-sent-event) answers: time to the first event, gateway/streaming.py.
+    max_ttft_p99_ms: Positive = None
+    max_ttft_p99_ratio: Positive = None
     no_firing_alarms: Flag = False
     min_requests: Annotated[int, integer(1, 10_000_000)] = DEFAULT_MIN_REQUESTS
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name in ("max_error_rate", "max_error_rate_ratio", "max_p99_ms", "max_p99_ratio",
-                     "max_null_rate", "min_shadow_agreement"):
+                     "max_null_rate", "min_shadow_agreement", "max_ttft_p99_ms",
+                     "max_ttft_p99_ratio"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value

@@ -163,6 +163,9 @@
     { id: "missing", title: "Missing input values", unit: "%", max: 1,
       empty: "no probed inputs (route has no input probe)",
       series: perBackend("input_missing", pct) },
+    { id: "ttft", title: "Time to first token p99 (streams)", unit: "ms",
+      empty: "no streamed (server-sent-event) answers in this window",
+      series: perBackend("ttft_p99_ms") },
     { id: "traffic", title: "Traffic share · canary weight", unit: "%", range: [0, 100],
       stepped: true, marks: true,
       series: (r, names) => names.map((b) => ({
@@ -314,7 +317,9 @@
         el("td", { class: "n" }, num(m.p99_ms, 1)),
         el("td", { class: "n" }, showPct(m.error_rate)),
         el("td", { class: "n" }, showPct(m.non_null)),
-        el("td", { class: "n" }, showPct(m.input_missing)));
+        el("td", { class: "n" }, showPct(m.input_missing)),
+        el("td", { class: "n", "data-testid": `ttft-p50-${r.name}-${b}` }, num(m.ttft_p50_ms, 1)),
+        el("td", { class: "n", "data-testid": `ttft-p99-${r.name}-${b}` }, num(m.ttft_p99_ms, 1)));
     });
     $("head-" + r.name).replaceChildren(
       el("div", { class: "route-title" },
@@ -331,7 +336,7 @@
           " req/s", el("span", { class: "muted" }, ` last ${duration(recent)}`))),
       el("table", { class: "backends" },
         el("thead", null, el("tr", null, ...["backend", "role", "req/s", "p50 ms", "p99 ms",
-          "errors", "non-null", "missing"].map((h) => el("th", null, h)))),
+          "errors", "non-null", "missing", "TTFT p50", "TTFT p99"].map((h) => el("th", null, h)))),
         el("tbody", null, ...rows)));
   }
 
