@@ -34,7 +34,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, Final, Generic, Protocol, TypeVar
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_plus
 
 import orjson
 from prometheus_client.core import CounterMetricFamily
@@ -205,13 +205,21 @@ def _test(op: str, value: str | tuple[str, ...]) -> Callable[[str], bool]:
 class CompiledRules(Generic[T]):
     """A route's rules for one routing snapshot; `pick` is the per-request part."""
 
-    __slots__ = ("rules", "needs_body", "count")
+    __slots__ = ("rules", "needs_body", "count", "header_names", "header_lengths",
+                 "cookie_names")
 
     def __init__(self, rules: tuple[CompiledRule[T], ...]) -> None:
         self.rules = rules
         self.count = len(rules)
         # The route buffers request bodies when a rule reads them.
         self.needs_body = any(r.source == _BODY for r in rules)
+        # The request headers the rules read (lower-case bytes), found in one pass.
+        names = {r.key for r in rules if r.source == _HEADER}
+        self.cookie_names = frozenset(r.key for r in rules if r.source == _COOKIE)
+        if self.cookie_names:
+            names.add(b"cookie")
+        self.header_names = frozenset(names)
+        self.header_lengths = frozenset(len(n) for n in names)
 
     def names(self) -> list[str]:
         return [r.name for r in self.rules]
@@ -221,6 +229,7 @@ class CompiledRules(Generic[T]):
         """The target of the first matching rule from `start` on (its hit counted); None when
         none matches; or, with the body `NOT_READ`, the index of the first body rule reached
         (go on from there with the body, b"" or None when there is none)."""
+        found_headers: dict[bytes, bytes] | None = None
         query: dict[str, str] | None = None
         cookies: dict[str, str] | None = None
         doc: Any = NOT_READ
@@ -229,16 +238,20 @@ class CompiledRules(Generic[T]):
             rule = rules[i]
             source = rule.source
             value: Any
-            if source == _HEADER:
-                raw = _header(headers, rule.key)
-                if raw is None:
-                    continue
-                value = raw.decode("utf-8", "surrogateescape")
-            elif source == _COOKIE:
-                if cookies is None:
-                    raw = _header(headers, b"cookie")
-                    cookies = _cookies(raw.decode("utf-8", "surrogateescape")) if raw else {}
-                value = cookies.get(rule.key)
+            if source == _HEADER or source == _COOKIE:
+                if found_headers is None:
+                    found_headers = self._headers(headers)
+                if source == _HEADER:
+                    raw = found_headers.get(rule.key)
+                    if raw is None:
+                        continue
+                    value = raw.decode("utf-8", "surrogateescape")
+                else:
+                    if cookies is None:
+                        raw = found_headers.get(b"cookie")
+                        cookies = (_cookies(raw.decode("utf-8", "surrogateescape"),
+                                            self.cookie_names) if raw else {})
+                    value = cookies.get(rule.key)
             elif source == _QUERY:
                 if query is None:
                     query = _query(target, query_at)
@@ -250,10 +263,22 @@ class CompiledRules(Generic[T]):
                     doc = _json(body)
                 value = _field_text(rule.key.get(doc))
             if value is not None and rule.test(value):
-                found = rule.target
-                found.stats.add(rule.counter)
-                return found
+                hit = rule.target
+                hit.stats.add(rule.counter)
+                return hit
         return None
+
+    def _headers(self, headers: Sequence[tuple[bytes, bytes]]) -> dict[bytes, bytes]:
+        """The first value of each header the rules name, in one pass."""
+        wanted = self.header_names
+        lengths = self.header_lengths
+        out: dict[bytes, bytes] = {}
+        for name, value in headers:
+            if len(name) in lengths:
+                lower = name.lower()
+                if lower in wanted and lower not in out:
+                    out[lower] = value
+        return out
 
 
 def compile_rules(rules: Sequence[Rule], backends: dict[str, T]) -> CompiledRules[T] | None:
@@ -263,22 +288,14 @@ def compile_rules(rules: Sequence[Rule], backends: dict[str, T]) -> CompiledRule
     return CompiledRules(tuple(CompiledRule(rule, backends[rule.backend]) for rule in rules))
 
 
-def _header(headers: Sequence[tuple[bytes, bytes]], lower_name: bytes) -> bytes | None:
-    n = len(lower_name)
-    for name, value in headers:
-        if len(name) == n and name.lower() == lower_name:
-            return value
-    return None
-
-
-def _cookies(header: str) -> dict[str, str]:
-    """Every cookie of a Cookie header (the first of a repeated name), by a linear split (see
-    `gateway.routing.cookie_value` for why not `http.cookies`)."""
+def _cookies(header: str, wanted: frozenset[str]) -> dict[str, str]:
+    """The `wanted` cookies of a Cookie header (the first of a repeated name), by a linear
+    split (see `gateway.routing.cookie_value` for why not `http.cookies`)."""
     out: dict[str, str] = {}
     for part in header.split(";"):
         key, sep, value = part.partition("=")
         key = key.strip()
-        if sep and key and key not in out:
+        if sep and key in wanted and key not in out:
             value = value.strip()
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
@@ -287,11 +304,19 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 def _query(target: str, query_at: int) -> dict[str, str]:
-    if query_at < 0:
-        return {}
+    """The first value of each query parameter (as `parse_qsl` with blank values reads them,
+    which costs ~5x more on the common query without escapes)."""
     out: dict[str, str] = {}
-    for name, value in parse_qsl(target[query_at + 1:], keep_blank_values=True):
-        out.setdefault(name, value)
+    if query_at < 0:
+        return out
+    for part in target[query_at + 1:].split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        if "%" in part or "+" in part:
+            name, value = unquote_plus(name), unquote_plus(value)
+        if name not in out:
+            out[name] = value
     return out
 
 

@@ -99,6 +99,31 @@ def test_each_condition_kind() -> None:
     assert pick([cookie], H(cookie="nobeta=1")) is None
 
 
+def test_query_and_cookie_reading_agree_with_the_standard_parsers() -> None:
+    from urllib.parse import parse_qsl
+
+    from gateway.rules import _cookies, _query
+
+    for query in ("a=1&b=2", "a=1&a=2", "a&b=", "x=%2Fp%C3%A9+q&y=a+b", "&&a=1&", "",
+                  "a=1=2", "%61=1", "a=%ZZ"):
+        target = "/p?" + query
+        first: dict[str, str] = {}
+        for name, value in parse_qsl(query, keep_blank_values=True):
+            first.setdefault(name, value)
+        assert _query(target, 2) == first, query
+    assert _query("/p", -1) == {}
+    header = 'a=1; b="two"; c; =x; a=3; d = 4 '
+    assert _cookies(header, frozenset({"a", "b", "c", "d"})) == {"a": "1", "b": "two",
+                                                                "d": "4"}
+    assert _cookies(header, frozenset({"b"})) == {"b": "two"}
+
+
+def test_repeated_headers_the_first_value_counts() -> None:
+    rule = spec(name="a", header="x-tenant", exact="acme", backend="green")
+    assert pick([rule], H(x_tenant="acme") + H(x_tenant="other")) == "green"
+    assert pick([rule], H(x_tenant="other") + H(x_tenant="acme")) is None
+
+
 def test_body_rules_wait_for_the_body_then_read_json_fields() -> None:
     tier = spec(name="gold", body="parameters.tier", one_of=["gold", "platinum"],
                 backend="green")
@@ -388,6 +413,8 @@ async def test_cli_show_set_clear(blue: ModelServer, green: ModelServer, tmp_pat
         out = capsys.readouterr().out
         assert "cookie beta exact 1" in out and "header x-tenant one-of acme, acme-eu" in out
         assert [r.name for r in gw.gateway.control.state(ROUTE).rules] == ["beta", "acme"]
+        assert await cli("status", ROUTE, *args) == 0
+        assert "rules beta, acme" in capsys.readouterr().out  # green's role
         assert await version_of(gw.client, "u", **{"x-tenant": "acme-eu"}) == "v2"
         # Same name: replaced in place; --json prints the API's answer.
         assert await cli("rules", "set", ROUTE, "--name", "beta", "--cookie", "beta",

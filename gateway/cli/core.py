@@ -225,6 +225,10 @@ def backends_table(view: dict[str, Any]) -> Table:
             roles.append(f"shadow ({pct(shadow_part.get('sample', 0))} copied)")
         if name == view.get("previous"):
             roles.append("previous")
+        ruled = [str(r.get("name")) for r in view.get("rules") or []
+                 if isinstance(r, dict) and r.get("backend") == name]
+        if ruled:
+            roles.append(f"rules {', '.join(ruled)}")
         urls = backend.get("urls") or [backend.get("url", "")]
         table.add_row(name, ", ".join(roles) or NONE, pct(traffic.get(name, 0)),
                       " ".join(urls))
