@@ -203,6 +203,22 @@ def test_rules_in_the_state_document_round_trip() -> None:
     assert change_summary({**doc, "rules": []}, doc) == "rules none→acme,v"
 
 
+def test_the_rules_cost_script_times_what_it_claims() -> None:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "loadtest" / "rules_cost.py"
+    loaded = importlib.util.spec_from_file_location("rules_cost", path)
+    assert loaded is not None and loaded.loader is not None
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    acme = [*module.HEADERS, (b"X-Tenant", b"acme")]
+    # `timed` checks each case's pick before timing it: the 5 rules really are evaluated.
+    found = module.timed([("none", module.build([]), module.HEADERS, "blue"),
+                          ("miss", module.build(module.RULES), module.HEADERS, "blue"),
+                          ("hit", module.build(module.RULES), acme, "green")], 10, 1)
+    assert set(found) == {"none", "miss", "hit"} and all(v > 0 for v in found.values())
+
+
 # -- config --------------------------------------------------------------------------------------
 def config(**route: Any) -> dict[str, Any]:
     return classifier_config("http://127.0.0.1:1", "http://127.0.0.1:2", **route)
