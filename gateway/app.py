@@ -40,6 +40,7 @@ from gateway.routing import (
     RoutingTable,
     StaticRoute,
 )
+from gateway.rules import rule_hits_metric
 from gateway.server import ProxyServer, make_server
 from gateway.shadow.component import Shadowing
 from gateway.state import RouteState
@@ -96,6 +97,9 @@ class Gateway:
         self.metrics: MetricsSource = metrics_source(self.store, self.member_id, self.recorder,
                                                      clock)
         self.recorder.add_collector("cluster", self._collect_cluster)
+        self.recorder.add_collector("rules", lambda: [rule_hits_metric(
+            (r.name, r.rules.names() if r.rules else (), self.static[r.name].stats.values())
+            for r in self.table.routes)])
         # Token name -> secret, and -> role; a name missing from `roles` (the env token, the
         # generated one) is an operator's.
         self.tokens = config.admin.secrets()

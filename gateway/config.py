@@ -29,6 +29,7 @@ from pydantic.json_schema import SkipJsonSchema
 from gateway.errors import ConfigError
 from gateway.monitoring.config import AlarmRule, ProbesConfig, check_alarms
 from gateway.rollout.plan import RolloutPlan
+from gateway.rules import RuleList
 from gateway.schema import (
     MODEL,
     NAME_RE,
@@ -190,6 +191,9 @@ class RouteConfig:
     shadow: ShadowConfig | None = None
     rollout: RolloutPlan | None = None
     probes: ProbesConfig | None = None
+    # Match rules evaluated before the weighted split (gateway/rules.py); the starting set,
+    # changed at run time through the admin API like the rest of the routing state.
+    rules: RuleList = ()
 
     @model_check(mode="after")
     def _backends_named(self) -> RouteConfig:
@@ -208,6 +212,9 @@ class RouteConfig:
             if found is not None and (why := unknown_backend(found.backend,
                                                              set(self.backends))):
                 raise problem(why, section, "backend")
+        for i, rule in enumerate(self.rules):
+            if why := unknown_backend(rule.backend, set(self.backends)):
+                raise problem(why, "rules", i, "backend")
         return self
 
     @property

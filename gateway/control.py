@@ -15,7 +15,8 @@ from typing import Any
 
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.errors import Conflict, InvalidRequest, NotFound, StoreError, VersionConflict
-from gateway.state import Event, RouteState, role_of, weight_problem
+from gateway.rules import check_rules
+from gateway.state import Event, RouteState, Rule, role_of, weight_problem
 from gateway.store import Fence, Store
 
 log = logging.getLogger("modelgate.control")
@@ -55,6 +56,7 @@ class ControlPlane:
                 canary_weight=route.canary_weight if route.canary else 0.0,
                 shadow=route.shadow.backend if route.shadow else None,
                 shadow_sample=route.shadow.sample if route.shadow and route.shadow.backend else 0.0,
+                rules=tuple(rule.spec() for rule in route.rules),
             )
             found = await self.store.read(route_key(route.name))
             if found is None:
@@ -269,6 +271,19 @@ class ControlPlane:
 
         action = "shadow" if backend is not None else "shadow_off"
         return await self.mutate(name, change, actor=actor, action=action, reason=reason)
+
+    async def set_rules(
+        self, name: str, rules: tuple[Rule, ...], *, actor: str, reason: str | None = None,
+    ) -> RouteState:
+        """Replace the route's match rules (an empty tuple clears them). Rules survive
+        switches, rollbacks and rollouts: they are the operator's explicit intent."""
+
+        def change(state: RouteState, route: RouteConfig) -> RouteState:
+            if (why := check_rules(rules, set(route.backends))) is not None:
+                raise InvalidRequest(why)
+            return state.evolve(rules=rules)
+
+        return await self.mutate(name, change, actor=actor, action="rules", reason=reason)
 
 
 def _event_doc(route: str | None, actor: str, action: str, before: dict[str, Any] | None,

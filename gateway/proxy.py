@@ -166,7 +166,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started", "framed")
+                 "started", "framed", "rules_at")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -177,6 +177,7 @@ class Plan:
     path: str
     started: float
     framed: bool  # `headers` carry the client's Content-Length
+    rules_at: int  # >= 0: the route's rules from this one on need the body (`body_rules`)
 
 
 class Resume:
@@ -423,6 +424,13 @@ class Proxy:
             raw = header_value(request.headers, route.override_name)
             override = _text(raw) if raw is not None else None
         backend = route.pick(key, override)
+        rules_at = -1
+        if route.rules is not None and backend.name != override:  # rules before the split
+            hit = route.rules.pick(request.headers, target, query_at)
+            if isinstance(hit, int):
+                rules_at = hit
+            elif hit is not None:
+                backend = hit
 
         peer = request.peer.encode()
         out.append((b"X-Forwarded-For",
@@ -447,7 +455,21 @@ class Proxy:
         plan.path = path
         plan.started = started
         plan.framed = framed
+        plan.rules_at = rules_at
         return plan
+
+    @staticmethod
+    def body_rules(plan: Plan, request: ProxyRequest, body: bytes | None) -> None:
+        """The route's rules from `plan.rules_at` on, now that the whole body is read."""
+        rules = plan.route.rules
+        at, plan.rules_at = plan.rules_at, -1
+        if rules is None:
+            return
+        target = request.target
+        hit = rules.pick(request.headers, target, target.find("?"), body, at)
+        if hit is not None and not isinstance(hit, int):
+            plan.backend = hit
+            plan.upstream = hit.upstream()
 
     async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
                       resp: UpstreamResponse | None = None, sent: float = 0.0,
@@ -490,6 +512,10 @@ class Proxy:
                     return
             else:
                 body = _stream_body(body_in, route.max_body, too_large, gone)
+            if plan.rules_at >= 0:  # rules on the body (the route buffers it: bytes or None)
+                self.body_rules(plan, request, body if isinstance(body, bytes) else None)
+                backend = plan.backend
+                stats = backend.stats
 
             if resp is None:
                 sent = time.perf_counter()

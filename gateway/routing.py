@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from gateway.config import RouteConfig, StickyKey, Timeouts
 from gateway.metrics import BackendStats
+from gateway.rules import CompiledRules, compile_rules
 from gateway.state import BUCKETS, WEIGHT_SCALE, RouteState
 from gateway.upstream import Headers, Upstream
 
@@ -130,7 +131,7 @@ class CompiledRoute:
     __slots__ = (
         "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
         "sticky", "sticky_name", "override_header", "override_name", "timeouts", "max_body",
-        "taps", "needs_request_body", "needs_response_body",
+        "taps", "needs_request_body", "needs_response_body", "rules",
     )
 
     def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
@@ -152,7 +153,10 @@ class CompiledRoute:
         self.timeouts: Timeouts = cfg.timeouts
         self.max_body = cfg.max_body_bytes
         self.taps = taps
-        self.needs_request_body = any(t.needs_request_body for t in taps)
+        # Match rules, compiled for this snapshot; None (no rules) costs one check a request.
+        self.rules: CompiledRules[Backend] | None = compile_rules(state.rules, static.backends)
+        self.needs_request_body = (any(t.needs_request_body for t in taps)
+                                   or (self.rules is not None and self.rules.needs_body))
         self.needs_response_body = any(t.needs_response_body for t in taps)
 
     def matches(self, host: str | None, path: str) -> bool:

@@ -30,6 +30,39 @@ def weight_problem(value: Any, minimum: float = 0.0) -> str | None:
     return None
 
 
+RULE_SOURCES = ("header", "cookie", "query", "body")
+RULE_OPS = ("exact", "prefix", "regex", "one_of")
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A match rule as a route's state holds it: if the request's `source` `key` (a header,
+    cookie or query parameter name, or a JSON path into the body) matches `value` by `op`,
+    the request goes to `backend`. Checked and compiled by `gateway.rules`; its JSON form is
+    the document's (``{"name", "header": "x-tenant", "exact": "acme", "backend"}``)."""
+
+    name: str
+    backend: str
+    source: str  # one of RULE_SOURCES
+    key: str
+    op: str  # one of RULE_OPS
+    value: str | tuple[str, ...]  # a tuple for one_of
+
+    def to_json(self) -> dict[str, Any]:
+        value = list(self.value) if isinstance(self.value, tuple) else self.value
+        return {"name": self.name, self.source: self.key, self.op: value,
+                "backend": self.backend}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Rule:
+        """From the document form as stored (already validated when it was written)."""
+        source = next(s for s in RULE_SOURCES if s in data)
+        op = next(o for o in RULE_OPS if o in data)
+        value = data[op]
+        return cls(str(data["name"]), str(data["backend"]), source, str(data[source]), op,
+                   tuple(value) if isinstance(value, list | tuple) else str(value))
+
+
 @dataclass(frozen=True, slots=True)
 class RouteState:
     live: str
@@ -39,13 +72,20 @@ class RouteState:
     shadow: str | None = None
     shadow_sample: float = 0.0
     version: int = 0
+    # Match rules, in order, evaluated before the weighted split (gateway/rules.py).
+    rules: tuple[Rule, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["rules"] = [rule.to_json() for rule in self.rules]
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RouteState:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        if "rules" in fields:
+            fields["rules"] = tuple(Rule.from_json(r) for r in fields["rules"] or ())
+        return cls(**fields)
 
     def evolve(self, **changes: Any) -> RouteState:
         return replace(self, **changes)

@@ -65,7 +65,8 @@ async def test_dashboard_in_browser(blue: ModelServer, green: ModelServer) -> No
     # Locator assertions poll inside the page without eval(), which the page's CSP forbids.
     expect.set_options(timeout=DEADLINE_MS)
 
-    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+    rules = [{"name": "u1", "header": "x-user-id", "prefix": "user-1", "backend": "green"}]
+    async with running_gateway(classifier_config(blue.url, green.url, rules=rules)) as gw:
         r = await gw.admin.put("/admin/routes/classifier/canary",
                                json={"backend": "green", "weight": 30, "reason": "try v2"})
         assert r.status_code == 200, r.text
@@ -96,12 +97,19 @@ async def test_dashboard_in_browser(blue: ModelServer, green: ModelServer) -> No
                 await expect(page.get_by_test_id("rps-classifier")).to_have_text(NONZERO)
                 await expect(page.get_by_test_id("live-classifier")).to_have_text("blue")
                 await expect(page.get_by_test_id("canary-classifier")).to_have_text("green 30%")
+                # the match rule's hits (users user-1...) under the route
+                await expect(page.get_by_test_id("rule-hits-classifier-u1")).to_have_text(
+                    NONZERO)
                 r = await gw.admin.post("/admin/routes/classifier/switch",
                                         json={"to": "green", "reason": "v2 looks good"})
                 assert r.status_code == 200, r.text
                 await expect(page.get_by_test_id("live-classifier")).to_have_text("green")
                 await expect(page.get_by_test_id("canary-classifier")).to_have_text("off")
                 await expect(page.get_by_test_id("events")).to_contain_text("v2 looks good")
+                r = await gw.admin.put("/admin/routes/classifier/rules", json={"rules": []})
+                assert r.status_code == 200, r.text
+                await expect(page.get_by_test_id("events")).to_contain_text("rules: u1 → –")
+                await expect(page.get_by_test_id("rules-classifier")).to_have_count(0)
                 await expect(page.get_by_test_id("status")).to_have_class(re.compile(r"\bok\b"))
                 await page.screenshot(path=SCREENSHOT, full_page=True)
                 assert problems == []

@@ -17,7 +17,7 @@ from gateway.admin.endpoint import Call, Endpoint, handler
 from gateway.admin.host import AdminHost
 from gateway.admin.http import ROLES_KEY, TOKENS_KEY, auth_middleware, error_middleware
 from gateway.admin.openapi import openapi_document
-from gateway.admin.routes import core, monitoring, record, rollout, shadow
+from gateway.admin.routes import core, monitoring, record, rollout, rules, shadow
 from gateway.config import AdminConfig
 
 MAX_BODY = 1024 * 1024
@@ -25,7 +25,7 @@ MAX_BODY = 1024 * 1024
 
 def admin_endpoints(host: AdminHost, app: web.Application) -> list[Endpoint]:
     """Every endpoint `host` serves (the document's own included)."""
-    found = core.endpoints(host)
+    found = core.endpoints(host) + rules.endpoints(host)
     if host.shadowing is not None:
         found += shadow.endpoints(host.shadowing)
     if host.rollouts is not None:

@@ -41,8 +41,9 @@ from gateway.admin.models import RouteName, whole
 from gateway.admin.views import route_view
 from gateway.component import Host
 from gateway.metrics import WINDOW_SLOTS, WindowSummary
+from gateway.rules import HIT_PREFIX
 from gateway.schema import MODEL, problem
-from gateway.state import RouteState
+from gateway.state import RouteState, Rule
 from gateway.streaming import stream_summary
 
 log = logging.getLogger("modelgate.dashboard")
@@ -141,6 +142,23 @@ def backend_summary(w: WindowSummary) -> dict[str, Any]:
         # Streamed answers: TTFT p50/p99, events/s within a stream, tokens (streaming.py).
         **stream_summary(w.counters, w.seconds),
     }
+
+
+def rule_rows(rules: Sequence[Rule], buckets: Mapping[str, Sequence[WindowSummary]],
+              recent: Mapping[str, WindowSummary], blank: int = 0) -> list[dict[str, Any]]:
+    """Each current rule of a route with its hits: over the header's recent window
+    (``hits``) and per chart bucket (``series``, None for the first `blank` buckets), summed
+    over the route's backends (a rule may have changed target)."""
+    rows = []
+    for rule in rules:
+        key = HIT_PREFIX + rule.name
+        n = max((len(b) for b in buckets.values()), default=0)
+        per_bucket: list[float | None] = [None] * min(blank, n)
+        per_bucket += [sum(b[i].counter(key) for b in buckets.values() if i < len(b))
+                       for i in range(len(per_bucket), n)]
+        rows.append({**rule.to_json(), "hits": sum(w.counter(key) for w in recent.values()),
+                     "series": per_bucket})
+    return rows
 
 
 # -- routing state and shadow agreement over time --------------------------------------------
@@ -302,17 +320,17 @@ class DashboardData:
         for name in names:
             static = gateway.static[name]
             views = {b: metrics.backend(name, b) for b in static.stats}
-            series = {
-                b: backend_series(view.series(seconds, params.step, now=end)[first:],
-                                  blank - first)
-                for b, view in views.items()
-            }
-            summary = {b: backend_summary(view.window(recent, now=end))
+            buckets = {b: view.series(seconds, params.step, now=end)[first:]
                        for b, view in views.items()}
+            series = {b: backend_series(bk, blank - first) for b, bk in buckets.items()}
+            windows = {b: view.window(recent, now=end) for b, view in views.items()}
+            summary = {b: backend_summary(w) for b, w in windows.items()}
+            state = gateway.control.state(name)
             samples = list(self.sampler.rings.get(name, ()))
             history = state_series(samples, times, params.step, static.stats)
             routes.append({"name": name, "state": route_view(gateway, name), "time": times,
-                           "backends": series, "summary": summary, **history})
+                           "backends": series, "summary": summary, **history,
+                           "rules": rule_rows(state.rules, buckets, windows, blank - first)})
         events = await gateway.control.events(EVENT_LIMIT)
         return {
             "time": gateway.clock(),

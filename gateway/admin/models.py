@@ -28,6 +28,7 @@ from gateway.record.component import (
     MAX_DURATION,
 )
 from gateway.rollout.plan import MIN_CHECK_INTERVAL, RolloutPlan
+from gateway.rules import RuleList
 from gateway.schema import (
     MODEL,
     Text,
@@ -143,6 +144,16 @@ class ShadowChange:
 
     backend: Text
     sample: Weight = 100.0
+    reason: Reason | None = None
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class RulesChange:
+    """``PUT /admin/routes/{route}/rules``: the route's match rules, in order, replacing the
+    current ones (``[]`` clears them). Each rule: `name`, one of header/cookie/query/body, one
+    of exact/prefix/regex/one_of, and the `backend` (one of the route's) it sends to."""
+
+    rules: RuleList
     reason: Reason | None = None
 
 
@@ -307,6 +318,23 @@ class RouteView(_Open):
     override_header: str | None
     timeouts: dict[str, float]
     max_body_bytes: int
+    rules: list[dict[str, Any]] = Field(default_factory=list,
+                                        description="match rules, in order (see /rules)")
+
+
+class RuleView(_Open):
+    name: str
+    backend: str
+    hits: dict[str, float] = Field(description="hits in the last minute ('1m') and 15 "
+                                   "minutes ('15m'); with the Redis store: of every process")
+
+
+class RulesView(_Open):
+    """``GET /admin/routes/{route}/rules``."""
+
+    route: str
+    version: int
+    rules: list[RuleView]
 
 
 class RouteList(_Open):
@@ -409,6 +437,7 @@ CANARY = TypeAdapter(CanaryChange)
 SWITCH = TypeAdapter(Switch)
 BECAUSE = TypeAdapter(Because)
 SHADOW = TypeAdapter(ShadowChange)
+RULES = TypeAdapter(RulesChange)
 THRESHOLD = TypeAdapter(Threshold)
 BASELINE = TypeAdapter(Baseline)
 ROLLOUT_START = TypeAdapter(RolloutStart)

@@ -35,6 +35,7 @@ def route_view(host: Host, name: str) -> dict[str, Any]:
         "override_header": cfg.override_header,
         "timeouts": {"connect": cfg.timeouts.connect, "read": cfg.timeouts.read},
         "max_body_bytes": cfg.max_body_bytes,
+        "rules": [rule.to_json() for rule in state.rules],
     }
     for details in host.hooks.route_details:
         view.update(details(name))

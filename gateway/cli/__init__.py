@@ -15,7 +15,7 @@ from gateway import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gateway.cli import core, monitoring, record, rollout, shadow
+    from gateway.cli import core, monitoring, record, rollout, rules, shadow
 
     parser = argparse.ArgumentParser(
         prog="modelgate",
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"modelgate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (core, shadow, rollout, monitoring, record):
+    for module in (core, shadow, rollout, monitoring, record, rules):
         module.register(sub)
     return parser
 

@@ -225,6 +225,10 @@ def backends_table(view: dict[str, Any]) -> Table:
             roles.append(f"shadow ({pct(shadow_part.get('sample', 0))} copied)")
         if name == view.get("previous"):
             roles.append("previous")
+        ruled = [str(r.get("name")) for r in view.get("rules") or []
+                 if isinstance(r, dict) and r.get("backend") == name]
+        if ruled:
+            roles.append(f"rules {', '.join(ruled)}")
         urls = backend.get("urls") or [backend.get("url", "")]
         table.add_row(name, ", ".join(roles) or NONE, pct(traffic.get(name, 0)),
                       " ".join(urls))
@@ -341,6 +345,12 @@ def _split_of(doc: dict[str, Any], key: str, weight_key: str) -> str:
     return f"{backend} {pct(weight)}"
 
 
+def _rule_names(doc: dict[str, Any]) -> str:
+    rules = doc.get("rules") or []
+    return _short(",".join(str(r.get("name")) for r in rules if isinstance(r, dict))
+                  or None)
+
+
 def change_summary(before: Any, after: Any) -> str:
     """What an event changed, e.g. ``live blue→green`` or ``canary none→green 10%``."""
     if not isinstance(before, dict) or not isinstance(after, dict):
@@ -357,6 +367,9 @@ def change_summary(before: Any, after: Any) -> str:
         old, new = _split_of(before, key, weight_key), _split_of(after, key, weight_key)
         if old != new:
             parts.append(f"{key} {old}→{new}")
+    handled.add("rules")
+    if before.get("rules") != after.get("rules"):
+        parts.append(f"rules {_rule_names(before)}→{_rule_names(after)}")
     for key in [*before, *(k for k in after if k not in before)]:
         if key not in handled and before.get(key) != after.get(key):
             parts.append(f"{key} {_short(before.get(key))}→{_short(after.get(key))}")

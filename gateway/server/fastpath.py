@@ -187,6 +187,12 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     if body is not None:
         chunks = body.chunks
         payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    if plan.rules_at >= 0:  # rules on the body: it is all here, so they decide now
+        proxy.body_rules(plan, request, payload)
+        upstream = plan.upstream
+        if type(upstream) is not FastUpstream:
+            client.resume(request, keep_alive, Resume(plan))
+            return
     exchange = FastExchange(client, proxy, request, keep_alive, plan, payload)
     client.begin_answer(request, keep_alive)
     exchange.sent = time.perf_counter()

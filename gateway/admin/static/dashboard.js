@@ -337,7 +337,31 @@
       el("table", { class: "backends" },
         el("thead", null, el("tr", null, ...["backend", "role", "req/s", "p50 ms", "p99 ms",
           "errors", "non-null", "missing", "TTFT p50", "TTFT p99"].map((h) => el("th", null, h)))),
-        el("tbody", null, ...rows)));
+        el("tbody", null, ...rows)),
+      renderRules(r, recent));
+  }
+
+  const RULE_SOURCES = ["header", "cookie", "query", "body"];
+  const RULE_OPS = ["exact", "prefix", "regex", "one_of"];
+
+  /** The route's match rules (first match wins) with their hits over the header's window. */
+  function renderRules(r, recent) {
+    const rules = r.rules || [];
+    if (!rules.length) return null;
+    return el("table", { class: "backends rules", "data-testid": "rules-" + r.name },
+      el("thead", null, el("tr", null, ...["rule", "condition", "backend",
+        `hits (last ${duration(recent)})`].map((h) => el("th", null, h)))),
+      el("tbody", null, ...rules.map((rule) => {
+        const source = RULE_SOURCES.find((k) => k in rule);
+        const op = RULE_OPS.find((k) => k in rule);
+        const value = Array.isArray(rule[op]) ? rule[op].join(", ") : rule[op];
+        return el("tr", null,
+          el("td", null, rule.name),
+          el("td", null, el("code", null, `${source} ${rule[source]} ${op} ${value}`)),
+          el("td", null, rule.backend),
+          el("td", { class: "n", "data-testid": `rule-hits-${r.name}-${rule.name}` },
+            num(rule.hits, 0)));
+      })));
   }
 
   // -- alarms and events -------------------------------------------------------------------
@@ -378,7 +402,12 @@
     return Object.keys(before)
       .filter((k) => k in after && k !== "version" && k !== "previous"
         && JSON.stringify(before[k]) !== JSON.stringify(after[k]))
-      .map((k) => `${k}: ${before[k] ?? "–"} → ${after[k] ?? "–"}`).join(", ");
+      .map((k) => `${k}: ${shown(before[k])} → ${shown(after[k])}`).join(", ");
+  }
+
+  function shown(value) {  // rules: their names
+    if (Array.isArray(value)) return value.map((v) => v && v.name ? v.name : v).join(",") || "–";
+    return value ?? "–";
   }
 
   function renderEvents(events) {
