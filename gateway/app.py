@@ -32,6 +32,10 @@ from gateway.control import ControlPlane
 from gateway.metrics import Recorder
 from gateway.monitoring.component import Monitoring
 from gateway.proxy import Proxy
+from gateway.resilience.budget import RetryBudget
+from gateway.resilience.limits import gate
+from gateway.resilience.metrics import collect as resilience_metrics
+from gateway.resilience.outlier import Outliers
 from gateway.rollout.component import Rollouts
 from gateway.routing import (
     Backend,
@@ -95,6 +99,7 @@ class Gateway:
         self.metrics: MetricsSource = metrics_source(self.store, self.member_id, self.recorder,
                                                      clock)
         self.recorder.add_collector("cluster", self._collect_cluster)
+        self.recorder.add_collector("resilience", lambda: resilience_metrics(self.static))
         # Token name -> secret, and -> role; a name missing from `roles` (the env token, the
         # generated one) is an operator's.
         self.tokens = config.admin.secrets()
@@ -152,7 +157,9 @@ class Gateway:
         for route in self.config.routes:
             stats = {name: self.recorder.stats(route.name, name) for name in route.backends}
             backends = {
-                name: Backend(name, [self._upstream(url) for url in b.urls], stats[name])
+                name: Backend(name, [self._upstream(url) for url in b.urls], stats[name],
+                              Outliers(list(b.urls), b.outlier_detection), gate(b.limits),
+                              RetryBudget(route.retry_budget))
                 for name, b in route.backends.items()
             }
             self.static[route.name] = StaticRoute(
@@ -161,6 +168,7 @@ class Gateway:
                 stats=stats,
                 salt=route.name.encode()[:64],
                 shadow_salt=(route.name + "#shadow").encode()[:64],
+                gate=gate(route.limits),
             )
 
     def compile_route(self, name: str, state: RouteState) -> CompiledRoute:

@@ -28,8 +28,9 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError
 from gateway.metrics import Recorder
+from gateway.resilience.limits import Gate, admit, leave
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
@@ -50,6 +51,7 @@ _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close"})
 _NOT_FORWARDED = frozenset({b"host", b"expect"})
 _DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
 _JSON = (b"Content-Type", b"application/json")
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 REQUEST_ID = b"X-Request-ID"
 # What the request-header pass does with a (lower-case) name; absent: forwarded as is.
 _H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
@@ -131,7 +133,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started")
+                 "started", "retried")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -141,6 +143,11 @@ class Plan:
     key: str | None
     path: str
     started: float
+    retried: int  # RETRIED_URL | FELL_BACK: what `Proxy.retry` did for this request
+
+
+RETRIED_URL = 1  # sent again to another URL of the backend (the first refused the connection)
+FELL_BACK = 2  # a canary's failure sent again to live (the route's `fallback`)
 
 
 class Resume:
@@ -403,6 +410,7 @@ class Proxy:
         plan.key = key
         plan.path = path
         plan.started = started
+        plan.retried = 0
         return plan
 
     async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
@@ -415,12 +423,16 @@ class Proxy:
         route = plan.route
         backend = plan.backend
         stats = backend.stats
-        out = plan.headers
         rid = plan.rid
         request_id = plan.request_id
-        target = request.target
         body_in = request.body
         length = body_in.length if body_in is not None else None
+        if route.gate is not None or backend.gate is not None:
+            if resp is not None:  # the fast path's exchange, admitted there: count it
+                _force(route.gate, backend.gate)
+            elif (full := admit(route.gate, backend.gate)) is not None:
+                await _overloaded(sink, route, backend, full, request_id)
+                return
         rec_in_flight = self.recorder.in_flight
         self.in_flight += 1
         rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
@@ -450,8 +462,7 @@ class Proxy:
             if resp is None:
                 sent = time.perf_counter()
                 try:
-                    resp = await plan.upstream.send(request.method, target, out, body,
-                                               route.timeouts, length)
+                    resp = await self._send(plan, request, body, length)
                 except ValueError:
                     # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
                     # through aiohttp's client): the client's request is at fault.
@@ -470,6 +481,8 @@ class Proxy:
                         await _too_large(sink, route, request_id)
                         return
                     status = exc.status
+                    backend = plan.backend  # live, when the canary's failure fell back
+                    stats = backend.stats
                     stats.upstream_error(exc.kind)
                     log.warning("upstream %s of route %s failed: %s", backend.name, route.name,
                                 exc)
@@ -477,6 +490,8 @@ class Proxy:
                     await _error(sink, status, code, f"backend {backend.name!r}: {exc.kind}",
                                  request_id, route=route.name, backend=backend.name)
                     return
+                backend = plan.backend
+                stats = backend.stats
                 stats.upstream_time(time.perf_counter() - sent)
             status = resp.status
             if route.taps:
@@ -497,7 +512,79 @@ class Proxy:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
+            if route.gate is not None or plan.backend.gate is not None:
+                leave(route.gate, plan.backend.gate)
             self.finished(plan, request, status, exchange, aborted)
+
+    async def _send(self, plan: Plan, request: ProxyRequest,
+                    body: bytes | AsyncIterator[bytes] | None, length: int | None
+                    ) -> UpstreamResponse:
+        """`plan.upstream.send`, with the retries `retry` allows when the body can be sent
+        again (`plan` then names the backend and URL that answered)."""
+        route = plan.route
+        while True:
+            upstream = plan.upstream
+            backend = plan.backend
+            try:
+                resp = await upstream.send(request.method, request.target, plan.headers, body,
+                                           route.timeouts, length)
+            except UpstreamError as exc:
+                backend.report_failure(upstream, exc.kind)
+                if not isinstance(body, bytes | None) or not self.retry(
+                        plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
+                    raise
+                log.info("retrying %s of route %s on %s after %s", plan.request_id,
+                         route.name, plan.upstream.origin, exc)
+                continue
+            status = resp.status
+            backend.report(upstream, status)
+            if (status == 503 and route.fallback and backend is route.canary
+                    and isinstance(body, bytes | None) and self.retry(plan, 503, "", False)):
+                await _discard(resp)
+                continue
+            return resp
+
+    def retry(self, plan: Plan, status: int, kind: str, resend: bool) -> bool:
+        """Whether a request that failed on `plan.upstream` before any byte reached the
+        client goes again, and where (`plan` is changed to say so):
+
+        - `resend` (`may_resend`: refused, or reset when that is safe): once to another URL
+          of the backend not ejected;
+        - on the route's canary with `fallback` on: once to live (a failure `kind` before
+          the status line, or `status` 503). The failure is charged to the canary first, so
+          its gates and alarms see it.
+
+        Each retry must fit the budget of the backend it goes to. The caller makes sure the
+        body can be sent again (buffered, not streamed)."""
+        backend = plan.backend
+        now = time.perf_counter()
+        if resend and not plan.retried & RETRIED_URL:
+            other = backend.other_upstream(plan.upstream)
+            if other is not None and backend.budget is not None and backend.budget.try_retry(
+                    now):
+                backend.stats.upstream_error(kind)  # a failed call; the request goes on
+                plan.upstream = other
+                plan.retried |= RETRIED_URL
+                return True
+        route = plan.route
+        if not (route.fallback and backend is route.canary) or plan.retried & FELL_BACK:
+            return False
+        live = route.live
+        if live.gate is not None and live.gate.full():
+            return False
+        if live.budget is None or not live.budget.try_retry(now):
+            return False
+        stats = backend.stats
+        if kind:
+            stats.upstream_error(kind)
+        stats.observe(status, now - plan.started)
+        if backend.gate is not None or live.gate is not None:
+            leave(None, backend.gate)
+            _force(None, live.gate)
+        plan.backend = live
+        plan.upstream = live.upstream()
+        plan.retried |= FELL_BACK
+        return True
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -527,7 +614,10 @@ class Proxy:
             aborts = self.recorder.client_aborts
             aborts[route.name] = aborts.get(route.name, 0) + 1
         if status:
-            plan.backend.stats.observe(status, latency)
+            backend = plan.backend
+            backend.stats.observe(status, latency)
+            if backend.budget is not None:
+                backend.budget.note_request(plan.started)
         if exchange is not None:
             exchange.latency = latency
             for tap in route.taps:
@@ -646,6 +736,54 @@ async def _error(sink: ResponseSink, status: int, code: str, message: str,
                  request_id: str | None, **extra: object) -> None:
     reason, headers, body = error_response(status, code, message, request_id, **extra)
     await sink.send(status, reason, headers, body)
+
+
+def may_resend(plan: Plan, method: str, exc: UpstreamError) -> bool:
+    """Whether a request whose call failed with `exc` before the status line may go to
+    another URL: always when the connection was refused (nothing was sent); after a reset
+    only when the method is idempotent or the route is side-effect free (RFC 9110 §9.2.2)."""
+    if isinstance(exc, UpstreamConnectError):
+        return True
+    return isinstance(exc, UpstreamResetError) and (
+        method in _IDEMPOTENT or plan.route.retry_safe)
+
+
+def _force(route_gate: Gate | None, backend_gate: Gate | None) -> None:
+    """Count a request into gates whatever their limit (it was admitted before)."""
+    if route_gate is not None:
+        route_gate.count += 1
+    if backend_gate is not None:
+        backend_gate.count += 1
+
+
+async def _discard(resp: UpstreamResponse) -> None:
+    """Drop a response the client will not see: read a small one (its connection is
+    reused), close anything else."""
+    length = resp.content_length
+    if length is not None and length <= BUFFER_RESPONSE_UP_TO:
+        try:
+            await resp.read()
+            return
+        except UpstreamError:
+            pass
+    resp.close()
+
+
+def overloaded_response(route: CompiledRoute, backend: Backend, full: Gate,
+                        request_id: str | None) -> tuple[str, Headers, bytes]:
+    """503 at once over a concurrency limit (`limits.max_concurrency`), with Retry-After."""
+    scope = "route" if full is route.gate else "backend"
+    reason, headers, body = error_response(
+        503, "overloaded", f"over the {scope}'s concurrency limit of {full.limit}; retry later",
+        request_id, route=route.name, backend=backend.name, scope=scope)
+    headers.append((b"Retry-After", full.retry_after_header))
+    return reason, headers, body
+
+
+async def _overloaded(sink: ResponseSink, route: CompiledRoute, backend: Backend, full: Gate,
+                      request_id: str) -> None:
+    reason, headers, body = overloaded_response(route, backend, full, request_id)
+    await sink.send(503, reason, headers, body)
 
 
 async def _too_large(sink: ResponseSink, route: CompiledRoute, request_id: str) -> None:
