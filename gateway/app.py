@@ -33,6 +33,7 @@ from gateway.metrics import Recorder
 from gateway.monitoring.component import Monitoring
 from gateway.proxy import Proxy
 from gateway.resilience.budget import RetryBudget
+from gateway.resilience.health import BackendChecks, HealthChecks
 from gateway.resilience.limits import gate
 from gateway.resilience.metrics import collect as resilience_metrics
 from gateway.resilience.outlier import Outliers
@@ -111,6 +112,7 @@ class Gateway:
         self.upstream_kind = upstream_kind
         self._upstreams: dict[str, Upstream] = {}
         self.static: dict[str, StaticRoute] = {}
+        self.health = HealthChecks(())  # active health checks, built with the static routes
         # The proxy gets only what it uses; `self.table` reads and replaces its table.
         self.proxy = Proxy(self.recorder, config.access_log_sample, config.trusted_proxies)
         self.server_kind = server_kind or config.server.kind
@@ -170,6 +172,11 @@ class Gateway:
                 shadow_salt=(route.name + "#shadow").encode()[:64],
                 gate=gate(route.limits),
             )
+        self.health = HealthChecks(
+            BackendChecks(f"{route.name}/{name}", list(b.urls), backend.outliers, b.health_check)
+            for route in self.config.routes for name, b in route.backends.items()
+            if b.health_check is not None
+            and (backend := self.static[route.name].backends[name]).outliers is not None)
 
     def compile_route(self, name: str, state: RouteState) -> CompiledRoute:
         static = self.static[name]
@@ -230,6 +237,7 @@ class Gateway:
         self._build_static()
         self.control.on_change(self._on_state)
         await self.control.start()
+        await self.health.start()
         await self.lease.start()
         for comp in self.components:
             await comp.start()
@@ -283,6 +291,7 @@ class Gateway:
             except Exception:
                 log.exception("component %s failed to stop", comp.name)
         await self.membership.stop()
+        await self.health.stop()
         for upstream in self._upstreams.values():
             await upstream.close()
         await self.metrics.stop()

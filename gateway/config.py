@@ -28,7 +28,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from gateway.errors import ConfigError
 from gateway.monitoring.config import AlarmRule, ProbesConfig, check_alarms
-from gateway.resilience.config import Limits, OutlierDetection, RetryBudget
+from gateway.resilience.config import HealthCheck, Limits, OutlierDetection, RetryBudget
 from gateway.rollout.plan import RolloutPlan
 from gateway.schema import (
     MODEL,
@@ -119,6 +119,7 @@ class BackendConfig:
     # Ejection of a failing URL among several (gateway/resilience/outlier.py).
     outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
     limits: Limits | None = None  # concurrency limit of this backend (per process)
+    health_check: HealthCheck | None = None  # active checks (gateway/resilience/health.py)
     name: SkipJsonSchema[str] = Field(default="", init=False)  # the key in `backends`
 
     @model_check(mode="before")

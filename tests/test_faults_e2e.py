@@ -265,3 +265,73 @@ async def test_three_times_capacity_gets_503_at_once_and_admitted_wait_only_for_
             assert static.stats["blue"].status_totals[5] == 0
             assert await metric(gw, "modelgate_overload_rejections_total",
                                 scope=scope) == 2 * capacity
+
+
+# -- active health checks -----------------------------------------------------------------------
+
+
+class Flaky:
+    """A backend whose readiness status is set by the test; counts the requests it serves."""
+
+    def __init__(self) -> None:
+        self.health = 200
+        self.served = 0
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def __aenter__(self) -> Flaky:
+        async def healthz(request: web.Request) -> web.Response:
+            return web.Response(status=self.health)
+
+        async def infer(request: web.Request) -> web.Response:
+            await request.read()
+            self.served += 1
+            return web.json_response({"model_version": "flaky"})
+
+        app = web.Application()
+        app.router.add_get("/v2/health/ready", healthz)
+        app.router.add_post("/{tail:.*}", infer)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.runner is not None
+        await self.runner.cleanup()
+
+
+async def test_active_health_checks_take_a_url_out_and_back(blue: ModelServer) -> None:
+    async with Flaky() as flaky:
+        config = classifier_config(blue.url, blue.url)
+        config["routes"][0]["backends"]["blue"] = {
+            "urls": [blue.url, flaky.url],
+            "health_check": {"path": "/v2/health/ready", "interval": "50ms", "timeout": "1s",
+                             "healthy_threshold": 2, "unhealthy_threshold": 2}}
+        async with running_gateway(config) as gw:
+            gateway = gw.gateway
+            backend = gateway.static[ROUTE].backends["blue"]
+            outliers = backend.outliers
+            assert outliers is not None and gateway.health.running == 1
+            checks = gateway.health.backends[0]
+            await wait_for(lambda: checks.rounds >= 2, message="two rounds of checks")
+            assert [(await post(gw)).status_code for _ in range(4)] == [200] * 4
+            assert flaky.served == 2  # in: round-robin gives it half
+
+            flaky.health = 503
+            await wait_for(lambda: outliers.is_ejected(1, time.monotonic()),
+                           message="the failing URL taken out")
+            before = flaky.served
+            assert [(await post(gw)).status_code for _ in range(6)] == [200] * 6
+            assert flaky.served == before
+            assert await metric(gw, "modelgate_outlier_ejected_urls", backend="blue") == 1
+
+            flaky.health = 200
+            await wait_for(lambda: not outliers.is_ejected(1, time.monotonic()),
+                           message="the URL back after two passed checks")
+            assert [(await post(gw)).status_code for _ in range(4)] == [200] * 4
+            assert flaky.served == before + 2
+        # Stopped with the gateway: the task is cancelled and awaited.
+        assert gateway.health.running == 0 and gateway.health._tasks == []

@@ -10,8 +10,9 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.resilience.budget import WINDOW, RetryBudget
-from gateway.resilience.config import Limits, OutlierDetection
+from gateway.resilience.config import HealthCheck, Limits, OutlierDetection
 from gateway.resilience.config import RetryBudget as RetryBudgetConfig
+from gateway.resilience.health import UrlCheck
 from gateway.resilience.limits import Gate, admit, full, leave
 from gateway.resilience.outlier import Outliers
 
@@ -167,8 +168,37 @@ def test_config_defaults_and_fallback_follows_side_effect_free() -> None:
      "routes[0].backends.a.outlier_detection.max_ejection_time"),
     ({"backends": {"a": {"url": "http://h", "limits": {"max_concurrency": "x"}}}},
      "routes[0].backends.a.limits.max_concurrency"),
+    ({"backends": {"a": {"url": "http://h", "health_check": {"path": "healthz"}}}},
+     "routes[0].backends.a.health_check.path"),
+    ({"backends": {"a": {"url": "http://h", "health_check": {"path": "/h", "interval": 0}}}},
+     "routes[0].backends.a.health_check.interval"),
 ])
 def test_config_errors_name_the_key(extra: dict[str, Any], path: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_config(_route(**extra))
     assert err.value.path == path, err.value
+
+
+# -- active health checks -----------------------------------------------------------------------
+
+
+def test_health_verdicts_take_a_url_out_and_back_never_the_last() -> None:
+    o = outliers(2, consecutive_gateway_failure=1)
+    assert o.set_healthy(0, False, now=0) and o.pick(0, now=1) == 1
+    assert not o.set_healthy(1, False, now=1)  # the last one in stays in
+    assert not o.failure(1, "refused", now=1)  # nor is it ejected passively
+    assert o.is_ejected(0, now=10_000)  # no ejection time: out until healthy
+    assert o.set_healthy(0, True, now=2) and o.pick(0, now=2) == 0
+    assert o.ejected_now(2) == 0
+    # A passively ejected URL marked unhealthy stays out past its ejection time.
+    assert o.failure(0, "refused", now=3) and o.set_healthy(0, False, now=3)
+    assert o.is_ejected(0, now=3 + 10_000)
+
+
+def test_health_thresholds() -> None:
+    settings = HealthCheck(path="/h", healthy_threshold=2, unhealthy_threshold=3)
+    check = UrlCheck()
+    assert [check.record(False, settings) for _ in range(3)] == [None, None, False]
+    assert check.record(True, settings) is None
+    assert check.record(False, settings) is None  # the streak starts again
+    assert [check.record(True, settings) for _ in range(2)] == [None, True]

@@ -7,7 +7,7 @@ from typing import Annotated
 from pydantic import model_validator as model_check
 from pydantic.dataclasses import dataclass
 
-from gateway.schema import MODEL, duration, integer, number, problem
+from gateway.schema import MODEL, UrlPath, duration, integer, number, problem
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -35,6 +35,20 @@ class OutlierDetection:
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
+class HealthCheck:
+    """Active health checks of a backend's URLs: ``GET path`` every `interval`; a URL that
+    fails `unhealthy_threshold` checks in a row (no answer within `timeout`, or a status
+    other than 2xx) gets no traffic until it passes `healthy_threshold` in a row. Never all
+    URLs: the last one in stays in. Each gateway process checks on its own."""
+
+    path: UrlPath
+    interval: Annotated[float, duration(positive=True)] = 5.0
+    timeout: Annotated[float, duration(positive=True)] = 1.0
+    healthy_threshold: Annotated[int, integer(1, 100)] = 2
+    unhealthy_threshold: Annotated[int, integer(1, 100)] = 3
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
 class RetryBudget:
     """Retries (to another URL of the backend, or a canary's fallback onto live) sent to a
     backend over the last 10 s may be at most `percent` of the requests it answered in
@@ -53,4 +67,4 @@ class Limits:
     retry_after: Annotated[int, integer(0, 3600)] = 1  # seconds, the Retry-After header
 
 
-__all__ = ["Limits", "OutlierDetection", "RetryBudget"]
+__all__ = ["HealthCheck", "Limits", "OutlierDetection", "RetryBudget"]

@@ -20,6 +20,8 @@ URL's counters are reset and it stays in.
 
 from __future__ import annotations
 
+import math
+
 from gateway.resilience.config import OutlierDetection
 
 GATEWAY_FAILURE_STATUS = frozenset({502, 503, 504})
@@ -29,7 +31,7 @@ class UrlHealth:
     """What is known of one URL of a backend."""
 
     __slots__ = ("url", "consecutive_5xx", "consecutive_gateway", "ejected_until", "ejections",
-                 "returned_at", "total_ejections")
+                 "returned_at", "total_ejections", "unhealthy")
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -39,6 +41,7 @@ class UrlHealth:
         self.ejections = 0  # the multiplier of the ejection time
         self.returned_at = 0.0
         self.total_ejections = 0  # for the counter metric
+        self.unhealthy = False  # failed its active health checks: out until it passes
 
 
 class Outliers:
@@ -93,6 +96,28 @@ class Outliers:
         """Calling URL `i` failed (refused, reset, timeout): a gateway failure and a 5xx.
         True when this ejected it."""
         return self._bad(i, True, now)
+
+    def set_healthy(self, i: int, healthy: bool, now: float) -> bool:
+        """The active health checks' verdict on URL `i`; True when it changed what is
+        picked. An unhealthy URL is out until it is healthy again (no ejection time), but
+        never the last one in: then it stays in and is marked again at the next verdict."""
+        health = self.urls[i]
+        if healthy == (not health.unhealthy):
+            return False
+        self._return_due(now)
+        if healthy:
+            health.unhealthy = False
+            health.ejected_until = 0.0
+            health.consecutive_5xx = health.consecutive_gateway = 0
+            self.ejected = sum(1 for h in self.urls if h.ejected_until > now)
+            return True
+        if health.ejected_until <= now and self.ejected >= len(self.urls) - 1:
+            return False  # the last one in
+        if health.ejected_until <= now:
+            self.ejected += 1
+        health.unhealthy = True
+        health.ejected_until = math.inf
+        return True
 
     def is_ejected(self, i: int, now: float) -> bool:
         return self.urls[i].ejected_until > now
