@@ -28,9 +28,10 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError
+from gateway.errors import UpstreamError
 from gateway.metrics import Recorder
-from gateway.resilience.limits import Gate, admit, leave
+from gateway.resilience.limits import Gate, admit, force, leave
+from gateway.resilience.retry import may_resend, retry
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
@@ -51,7 +52,6 @@ _PLAIN_CONNECTION_TOKENS = frozenset({b"keep-alive", b"close"})
 _NOT_FORWARDED = frozenset({b"host", b"expect"})
 _DROP_REQUEST = HOP_BY_HOP - {b"transfer-encoding"}
 _JSON = (b"Content-Type", b"application/json")
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 REQUEST_ID = b"X-Request-ID"
 # What the request-header pass does with a (lower-case) name; absent: forwarded as is.
 _H_DROP, _H_HOST, _H_CONNECTION, _H_FORWARDED_FOR, _H_FORWARDED_PROTO, _H_FORWARDED_HOST, \
@@ -143,11 +143,7 @@ class Plan:
     key: str | None
     path: str
     started: float
-    retried: int  # RETRIED_URL | FELL_BACK: what `Proxy.retry` did for this request
-
-
-RETRIED_URL = 1  # sent again to another URL of the backend (the first refused the connection)
-FELL_BACK = 2  # a canary's failure sent again to live (the route's `fallback`)
+    retried: int  # what `resilience.retry.retry` did for it (RETRIED_URL | FELL_BACK)
 
 
 class Resume:
@@ -429,7 +425,7 @@ class Proxy:
         length = body_in.length if body_in is not None else None
         if route.gate is not None or backend.gate is not None:
             if resp is not None:  # the fast path's exchange, admitted there: count it
-                _force(route.gate, backend.gate)
+                force(route.gate, backend.gate)
             elif (full := admit(route.gate, backend.gate)) is not None:
                 await _overloaded(sink, route, backend, full, request_id)
                 return
@@ -530,7 +526,7 @@ class Proxy:
                                            route.timeouts, length)
             except UpstreamError as exc:
                 backend.report_failure(upstream, exc.kind)
-                if not isinstance(body, bytes | None) or not self.retry(
+                if not isinstance(body, bytes | None) or not retry(
                         plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
                     raise
                 log.info("retrying %s of route %s on %s after %s", plan.request_id,
@@ -539,52 +535,10 @@ class Proxy:
             status = resp.status
             backend.report(upstream, status)
             if (status == 503 and route.fallback and backend is route.canary
-                    and isinstance(body, bytes | None) and self.retry(plan, 503, "", False)):
+                    and isinstance(body, bytes | None) and retry(plan, 503, "", False)):
                 await _discard(resp)
                 continue
             return resp
-
-    def retry(self, plan: Plan, status: int, kind: str, resend: bool) -> bool:
-        """Whether a request that failed on `plan.upstream` before any byte reached the
-        client goes again, and where (`plan` is changed to say so):
-
-        - `resend` (`may_resend`: refused, or reset when that is safe): once to another URL
-          of the backend not ejected;
-        - on the route's canary with `fallback` on: once to live (a failure `kind` before
-          the status line, or `status` 503). The failure is charged to the canary first, so
-          its gates and alarms see it.
-
-        Each retry must fit the budget of the backend it goes to. The caller makes sure the
-        body can be sent again (buffered, not streamed)."""
-        backend = plan.backend
-        now = time.perf_counter()
-        if resend and not plan.retried & RETRIED_URL:
-            other = backend.other_upstream(plan.upstream)
-            if other is not None and backend.budget is not None and backend.budget.try_retry(
-                    now):
-                backend.stats.upstream_error(kind)  # a failed call; the request goes on
-                plan.upstream = other
-                plan.retried |= RETRIED_URL
-                return True
-        route = plan.route
-        if not (route.fallback and backend is route.canary) or plan.retried & FELL_BACK:
-            return False
-        live = route.live
-        if live.gate is not None and live.gate.full():
-            return False
-        if live.budget is None or not live.budget.try_retry(now):
-            return False
-        stats = backend.stats
-        if kind:
-            stats.upstream_error(kind)
-        stats.observe(status, now - plan.started)
-        if backend.gate is not None or live.gate is not None:
-            leave(None, backend.gate)
-            _force(None, live.gate)
-        plan.backend = live
-        plan.upstream = live.upstream()
-        plan.retried |= FELL_BACK
-        return True
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -736,24 +690,6 @@ async def _error(sink: ResponseSink, status: int, code: str, message: str,
                  request_id: str | None, **extra: object) -> None:
     reason, headers, body = error_response(status, code, message, request_id, **extra)
     await sink.send(status, reason, headers, body)
-
-
-def may_resend(plan: Plan, method: str, exc: UpstreamError) -> bool:
-    """Whether a request whose call failed with `exc` before the status line may go to
-    another URL: always when the connection was refused (nothing was sent); after a reset
-    only when the method is idempotent or the route is side-effect free (RFC 9110 §9.2.2)."""
-    if isinstance(exc, UpstreamConnectError):
-        return True
-    return isinstance(exc, UpstreamResetError) and (
-        method in _IDEMPOTENT or plan.route.retry_safe)
-
-
-def _force(route_gate: Gate | None, backend_gate: Gate | None) -> None:
-    """Count a request into gates whatever their limit (it was admitted before)."""
-    if route_gate is not None:
-        route_gate.count += 1
-    if backend_gate is not None:
-        backend_gate.count += 1
 
 
 async def _discard(resp: UpstreamResponse) -> None:

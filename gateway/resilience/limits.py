@@ -28,9 +28,6 @@ def gate(limits: Limits | None) -> Gate | None:
     return Gate(limits) if limits is not None else None
 
 
-
-
-
 def admit(route_gate: Gate | None, backend_gate: Gate | None) -> Gate | None:
     """Count a request into the route's and the backend's gates; or, when one is full,
     count a refusal there and return it (nothing else changes)."""
@@ -47,6 +44,15 @@ def admit(route_gate: Gate | None, backend_gate: Gate | None) -> Gate | None:
     return None
 
 
+def force(route_gate: Gate | None, backend_gate: Gate | None) -> None:
+    """Count a request into gates whatever their limit (it was admitted before: the fast
+    path's exchange handed on, or a fallback moving to live)."""
+    if route_gate is not None:
+        route_gate.count += 1
+    if backend_gate is not None:
+        backend_gate.count += 1
+
+
 def full(route_gate: Gate | None, backend_gate: Gate | None) -> bool:
     """Whether `admit` would refuse (nothing counted)."""
     return (route_gate is not None and route_gate.count >= route_gate.limit) or (
@@ -59,4 +65,6 @@ def leave(route_gate: Gate | None, backend_gate: Gate | None) -> None:
         route_gate.count -= 1
     if backend_gate is not None:
         backend_gate.count -= 1
-__all__ = ["Gate", "admit", "full", "gate", "leave"]
+
+
+__all__ = ["Gate", "admit", "force", "full", "gate", "leave"]

@@ -19,7 +19,7 @@ Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly
 - a response head announcing a streamed, chunked or large body: the Task streams it on;
 - a reused connection that failed before any byte came back (the backend closed it while
   idle): the Task sends again, like `FastUpstream.send`'s retry;
-- a failure before the status line (or a canary's 503) that `Proxy.retry` sends again, to
+- a failure before the status line (or a canary's 503) that `resilience.retry.retry` sends again, to
   another URL of the backend or, for a canary with `fallback`, to live: the Task sends it
   as the changed plan says (the canary is charged its failure first);
 - a route or backend over its concurrency limit: the Task answers 503.
@@ -43,9 +43,9 @@ from gateway.proxy import (
     ProxyRequest,
     Resume,
     error_response,
-    may_resend,
 )
 from gateway.resilience.limits import admit, full, leave
+from gateway.resilience.retry import may_resend, retry
 from gateway.upstream import Headers
 from gateway.upstream.fastpool import IDEMPOTENT, FastResponse, FastUpstream, _Conn
 
@@ -117,7 +117,7 @@ class FastExchange:
         client = self.client
         status = resp.status
         plan.backend.report(plan.upstream, status)
-        if status == 503 and plan.route.fallback and proxy.retry(plan, 503, "", False):
+        if status == 503 and plan.route.fallback and retry(plan, 503, "", False):
             resp.body_now()  # a canary's 503 the client will not see: live answers
             self._again()
             return
@@ -148,7 +148,7 @@ class FastExchange:
             return
         if resp is None:
             plan.backend.report_failure(plan.upstream, exc.kind)
-            if self.proxy.retry(plan, exc.status, exc.kind,
+            if retry(plan, exc.status, exc.kind,
                                 may_resend(plan, request.method, exc)):
                 self._again()  # another URL, or live for a failed canary
                 return
