@@ -148,7 +148,7 @@ def test_config_defaults_and_fallback_follows_side_effect_free() -> None:
     route = parse_config(_route()).routes[0]
     assert not route.fallback and route.limits is None
     assert route.backends["a"].outlier_detection == OutlierDetection()
-    assert route.retry_budget == RetryBudgetConfig(percent=20, min_retries=10)
+    assert route.retry_budget == RetryBudgetConfig(percent=25, min_retries=10)
     assert parse_config(_route(side_effect_free=True)).routes[0].fallback
     assert not parse_config(_route(side_effect_free=True, fallback=False)).routes[0].fallback
     assert parse_config(_route(fallback="${F}"), env={"F": "true"}).routes[0].fallback

@@ -54,7 +54,7 @@ class RetryBudget:
     backend over the last 10 s may be at most `percent` of the requests it answered in
     that time, or `min_retries`, whichever is more."""
 
-    percent: Annotated[float, number(0, 100)] = 20.0
+    percent: Annotated[float, number(0, 100)] = 25.0
     min_retries: Annotated[int, integer(0, 1_000_000)] = 10
 
 
