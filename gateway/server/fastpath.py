@@ -19,9 +19,9 @@ Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly
 - a response head announcing a streamed, chunked or large body: the Task streams it on;
 - a reused connection that failed before any byte came back (the backend closed it while
   idle): the Task sends again, like `FastUpstream.send`'s retry;
-- a failure before the status line (or a canary's 503) that `resilience.retry.retry` sends again, to
-  another URL of the backend or, for a canary with `fallback`, to live: the Task sends it
-  as the changed plan says (the canary is charged its failure first);
+- a failure before the status line (or a canary's 503) that `resilience.retry.retry` sends
+  again, to another URL of the backend or, for a canary with `fallback`, to live: the Task
+  sends it as the changed plan says (the canary is charged its failure first);
 - a route or backend over its concurrency limit: the Task answers 503.
 Other failures are answered here as the Task path would: 502/504 before the head, the same
 error after a broken body. Timeouts need no timer: the pool's deadline sweep fails a
@@ -148,8 +148,7 @@ class FastExchange:
             return
         if resp is None:
             plan.backend.report_failure(plan.upstream, exc.kind)
-            if retry(plan, exc.status, exc.kind,
-                                may_resend(plan, request.method, exc)):
+            if retry(plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
                 self._again()  # another URL, or live for a failed canary
                 return
         self._uncount()
