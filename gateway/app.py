@@ -33,6 +33,11 @@ from gateway.metrics import Recorder
 from gateway.monitoring.component import Monitoring
 from gateway.proxy import Proxy
 from gateway.record.component import Recordings
+from gateway.resilience.budget import RetryBudget
+from gateway.resilience.health import BackendChecks, HealthChecks
+from gateway.resilience.limits import gate
+from gateway.resilience.metrics import collect as resilience_metrics
+from gateway.resilience.outlier import Outliers
 from gateway.rollout.component import Rollouts
 from gateway.routing import (
     Backend,
@@ -100,6 +105,7 @@ class Gateway:
         self.recorder.add_collector("rules", lambda: [rule_hits_metric(
             (r.name, r.rules.names() if r.rules else (), self.static[r.name].stats.values())
             for r in self.table.routes)])
+        self.recorder.add_collector("resilience", lambda: resilience_metrics(self.static))
         # Token name -> secret, and -> role; a name missing from `roles` (the env token, the
         # generated one) is an operator's.
         self.tokens = config.admin.secrets()
@@ -111,6 +117,7 @@ class Gateway:
         self.upstream_kind = upstream_kind
         self._upstreams: dict[str, Upstream] = {}
         self.static: dict[str, StaticRoute] = {}
+        self.health = HealthChecks(())  # active health checks, built with the static routes
         # The proxy gets only what it uses; `self.table` reads and replaces its table.
         self.proxy = Proxy(self.recorder, config.access_log_sample, config.trusted_proxies)
         self.server_kind = server_kind or config.server.kind
@@ -158,7 +165,9 @@ class Gateway:
         for route in self.config.routes:
             stats = {name: self.recorder.stats(route.name, name) for name in route.backends}
             backends = {
-                name: Backend(name, [self._upstream(url) for url in b.urls], stats[name])
+                name: Backend(name, [self._upstream(url) for url in b.urls], stats[name],
+                              Outliers(list(b.urls), b.outlier_detection), gate(b.limits),
+                              RetryBudget(route.retry_budget))
                 for name, b in route.backends.items()
             }
             self.static[route.name] = StaticRoute(
@@ -167,7 +176,13 @@ class Gateway:
                 stats=stats,
                 salt=route.name.encode()[:64],
                 shadow_salt=(route.name + "#shadow").encode()[:64],
+                gate=gate(route.limits),
             )
+        self.health = HealthChecks(
+            BackendChecks(f"{route.name}/{name}", list(b.urls), backend.outliers, b.health_check)
+            for route in self.config.routes for name, b in route.backends.items()
+            if b.health_check is not None
+            and (backend := self.static[route.name].backends[name]).outliers is not None)
 
     def compile_route(self, name: str, state: RouteState) -> CompiledRoute:
         static = self.static[name]
@@ -228,6 +243,7 @@ class Gateway:
         self._build_static()
         self.control.on_change(self._on_state)
         await self.control.start()
+        await self.health.start()
         await self.lease.start()
         for comp in self.components:
             await comp.start()
@@ -281,6 +297,7 @@ class Gateway:
             except Exception:
                 log.exception("component %s failed to stop", comp.name)
         await self.membership.stop()
+        await self.health.stop()
         for upstream in self._upstreams.values():
             await upstream.close()
         await self.metrics.stop()

@@ -28,6 +28,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from gateway.errors import ConfigError
 from gateway.monitoring.config import AlarmRule, ProbesConfig, check_alarms
+from gateway.resilience.config import HealthCheck, Limits, OutlierDetection, RetryBudget
 from gateway.rollout.plan import RolloutPlan
 from gateway.rules import RuleList
 from gateway.schema import (
@@ -36,6 +37,7 @@ from gateway.schema import (
     Address,
     Addresses,
     Duration,
+    Flag,
     HttpUrl,
     LowerText,
     Name,
@@ -115,6 +117,10 @@ class BackendConfig:
 
     urls: Annotated[tuple[HttpUrl, ...], nonempty("needs at least one URL")] = ()
     url: HttpUrl | None = None
+    # Ejection of a failing URL among several (gateway/resilience/outlier.py).
+    outlier_detection: OutlierDetection = Field(default_factory=OutlierDetection)
+    limits: Limits | None = None  # concurrency limit of this backend (per process)
+    health_check: HealthCheck | None = None  # active checks (gateway/resilience/health.py)
     name: SkipJsonSchema[str] = Field(default="", init=False)  # the key in `backends`
 
     @model_check(mode="before")
@@ -194,6 +200,17 @@ class RouteConfig:
     # Match rules evaluated before the weighted split (gateway/rules.py); the starting set,
     # changed at run time through the admin API like the rest of the routing state.
     rules: RuleList = ()
+    # Requests here may be sent twice (inference): turns `fallback` on by default.
+    side_effect_free: Flag = False
+    # A request to the canary that failed before any byte reached the client (refused,
+    # reset or timeout before the status line, or a 503) is retried once on live.
+    fallback_section: Flag | None = Field(default=None, alias="fallback")
+    limits: Limits | None = None  # concurrency limit of the route (per process)
+    retry_budget: RetryBudget = Field(default_factory=RetryBudget)
+
+    @property
+    def fallback(self) -> bool:
+        return self.side_effect_free if self.fallback_section is None else self.fallback_section
 
     @model_check(mode="after")
     def _backends_named(self) -> RouteConfig:

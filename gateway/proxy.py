@@ -30,6 +30,8 @@ import orjson
 
 from gateway.errors import UpstreamError
 from gateway.metrics import BackendStats, Recorder
+from gateway.resilience.limits import Gate, admit, force, leave
+from gateway.resilience.retry import may_resend, retry
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.streaming import StreamMeter, is_event_stream
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
@@ -166,7 +168,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started", "framed", "rules_at")
+                 "started", "framed", "rules_at", "retried")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -178,6 +180,7 @@ class Plan:
     started: float
     framed: bool  # `headers` carry the client's Content-Length
     rules_at: int  # >= 0: the route's rules from this one on need the body (`body_rules`)
+    retried: int  # what `resilience.retry.retry` did for it (RETRIED_URL | FELL_BACK)
 
 
 class Resume:
@@ -456,6 +459,7 @@ class Proxy:
         plan.started = started
         plan.framed = framed
         plan.rules_at = rules_at
+        plan.retried = 0
         return plan
 
     @staticmethod
@@ -481,12 +485,16 @@ class Proxy:
         route = plan.route
         backend = plan.backend
         stats = backend.stats
-        out = plan.headers
         rid = plan.rid
         request_id = plan.request_id
-        target = request.target
         body_in = request.body
         length = body_in.length if body_in is not None else None
+        if route.gate is not None or backend.gate is not None:
+            if resp is not None:  # the fast path's exchange, admitted there: count it
+                force(route.gate, backend.gate)
+            elif (full := admit(route.gate, backend.gate)) is not None:
+                await _overloaded(sink, route, backend, full, request_id)
+                return
         rec_in_flight = self.recorder.in_flight
         self.in_flight += 1
         rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
@@ -520,8 +528,7 @@ class Proxy:
             if resp is None:
                 sent = time.perf_counter()
                 try:
-                    resp = await plan.upstream.send(request.method, target, out, body,
-                                               route.timeouts, length)
+                    resp = await self._send(plan, request, body, length)
                 except ValueError:
                     # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
                     # through aiohttp's client): the client's request is at fault.
@@ -540,6 +547,8 @@ class Proxy:
                         await _too_large(sink, route, request_id)
                         return
                     status = exc.status
+                    backend = plan.backend  # live, when the canary's failure fell back
+                    stats = backend.stats
                     stats.upstream_error(exc.kind)
                     log.warning("upstream %s of route %s failed: %s", backend.name, route.name,
                                 exc)
@@ -547,6 +556,8 @@ class Proxy:
                     await _error(sink, status, code, f"backend {backend.name!r}: {exc.kind}",
                                  request_id, route=route.name, backend=backend.name)
                     return
+                backend = plan.backend
+                stats = backend.stats
                 stats.upstream_time(time.perf_counter() - sent)
             status = resp.status
             if route.taps:
@@ -568,7 +579,37 @@ class Proxy:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
+            if route.gate is not None or plan.backend.gate is not None:
+                leave(route.gate, plan.backend.gate)
             self.finished(plan, request, status, exchange, aborted)
+
+    async def _send(self, plan: Plan, request: ProxyRequest,
+                    body: bytes | AsyncIterator[bytes] | None, length: int | None
+                    ) -> UpstreamResponse:
+        """`plan.upstream.send`, with the retries `retry` allows when the body can be sent
+        again (`plan` then names the backend and URL that answered)."""
+        route = plan.route
+        while True:
+            upstream = plan.upstream
+            backend = plan.backend
+            try:
+                resp = await upstream.send(request.method, request.target, plan.headers, body,
+                                           route.timeouts, length)
+            except UpstreamError as exc:
+                backend.report_failure(upstream, exc.kind)
+                if not isinstance(body, bytes | None) or not retry(
+                        plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
+                    raise
+                log.info("retrying %s of route %s on %s after %s", plan.request_id,
+                         route.name, plan.upstream.origin, exc)
+                continue
+            status = resp.status
+            backend.report(upstream, status)
+            if (status == 503 and route.fallback and backend is route.canary
+                    and isinstance(body, bytes | None) and retry(plan, 503, "", False)):
+                await _discard(resp)
+                continue
+            return resp
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -598,7 +639,10 @@ class Proxy:
             aborts = self.recorder.client_aborts
             aborts[route.name] = aborts.get(route.name, 0) + 1
         if status:
-            plan.backend.stats.observe(status, latency)
+            backend = plan.backend
+            backend.stats.observe(status, latency)
+            if backend.budget is not None:
+                backend.budget.note_request(plan.started)
         if exchange is not None:
             exchange.latency = latency
             for tap in route.taps:
@@ -737,6 +781,36 @@ async def _error(sink: ResponseSink, status: int, code: str, message: str,
                  request_id: str | None, **extra: object) -> None:
     reason, headers, body = error_response(status, code, message, request_id, **extra)
     await sink.send(status, reason, headers, body)
+
+
+async def _discard(resp: UpstreamResponse) -> None:
+    """Drop a response the client will not see: read a small one (its connection is
+    reused), close anything else."""
+    length = resp.content_length
+    if length is not None and length <= BUFFER_RESPONSE_UP_TO:
+        try:
+            await resp.read()
+            return
+        except UpstreamError:
+            pass
+    resp.close()
+
+
+def overloaded_response(route: CompiledRoute, backend: Backend, full: Gate,
+                        request_id: str | None) -> tuple[str, Headers, bytes]:
+    """503 at once over a concurrency limit (`limits.max_concurrency`), with Retry-After."""
+    scope = "route" if full is route.gate else "backend"
+    reason, headers, body = error_response(
+        503, "overloaded", f"over the {scope}'s concurrency limit of {full.limit}; retry later",
+        request_id, route=route.name, backend=backend.name, scope=scope)
+    headers.append((b"Retry-After", full.retry_after_header))
+    return reason, headers, body
+
+
+async def _overloaded(sink: ResponseSink, route: CompiledRoute, backend: Backend, full: Gate,
+                      request_id: str) -> None:
+    reason, headers, body = overloaded_response(route, backend, full, request_id)
+    await sink.send(503, reason, headers, body)
 
 
 async def _too_large(sink: ResponseSink, route: CompiledRoute, request_id: str) -> None:

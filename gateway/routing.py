@@ -9,15 +9,22 @@ in flight finishes on the backend it started on while the next one sees the new 
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from gateway.config import RouteConfig, StickyKey, Timeouts
 from gateway.metrics import BackendStats
+from gateway.resilience.budget import RetryBudget
+from gateway.resilience.limits import Gate
+from gateway.resilience.outlier import Outliers
 from gateway.rules import CompiledRules, compile_rules
 from gateway.state import BUCKETS, WEIGHT_SCALE, RouteState
 from gateway.upstream import Headers, Upstream
+
+log = logging.getLogger("modelgate.proxy")
 
 
 def bucket_of(salt: bytes, key: str) -> int:
@@ -59,22 +66,62 @@ def in_sample(t: int, salt: bytes, key: str | None) -> bool:
 
 
 class Backend:
-    """A named version of the model (of one route); its URLs are balanced round-robin."""
+    """A named version of the model (of one route); its URLs are balanced round-robin,
+    skipping those ejected as outliers (gateway/resilience/outlier.py)."""
 
-    __slots__ = ("name", "upstreams", "stats", "_next")
+    __slots__ = ("name", "upstreams", "stats", "_next", "outliers", "_index", "gate", "budget")
 
-    def __init__(self, name: str, upstreams: list[Upstream], stats: BackendStats) -> None:
+    def __init__(self, name: str, upstreams: list[Upstream], stats: BackendStats,
+                 outliers: Outliers | None = None, gate: Gate | None = None,
+                 budget: RetryBudget | None = None) -> None:
         self.name = name
         self.upstreams = upstreams
         self.stats = stats  # bound once: the proxy records every answer here
         self._next = 0
+        # One URL is never ejected: no outlier state to keep then.
+        self.outliers = outliers if len(upstreams) > 1 else None
+        self._index = {id(u): i for i, u in enumerate(upstreams)}
+        self.gate = gate  # concurrency limit, None: none
+        self.budget = budget  # retries sent to this backend, None: never retried to
 
     def upstream(self) -> Upstream:
         ups = self.upstreams
         if len(ups) == 1:
             return ups[0]
         self._next = i = (self._next + 1) % len(ups)
+        outliers = self.outliers
+        if outliers is not None and outliers.ejected:
+            i = outliers.pick(i, time.monotonic())
         return ups[i]
+
+    def other_upstream(self, failed: Upstream) -> Upstream | None:
+        """Another URL than `failed` not ejected (a connect retry), or None."""
+        outliers = self.outliers
+        if outliers is None:
+            return None
+        i = outliers.other(self._index.get(id(failed), 0), time.monotonic())
+        return None if i is None else self.upstreams[i]
+
+    def report(self, upstream: Upstream, status: int) -> None:
+        """`upstream` (one of ours) answered `status`: outlier bookkeeping."""
+        outliers = self.outliers
+        if outliers is not None:
+            i = self._index.get(id(upstream))
+            if i is not None:
+                if status < 500:
+                    outliers.success(i)
+                elif outliers.status(i, status, time.monotonic()):
+                    log.warning("backend %s: URL %s ejected after %s", self.name,
+                                upstream.origin, status)
+
+    def report_failure(self, upstream: Upstream, kind: str) -> None:
+        """Calling `upstream` failed before its status line (refused, reset, timeout)."""
+        outliers = self.outliers
+        if outliers is not None:
+            i = self._index.get(id(upstream))
+            if i is not None and outliers.failure(i, kind, time.monotonic()):
+                log.warning("backend %s: URL %s ejected after %s", self.name,
+                            upstream.origin, kind)
 
 
 class Exchange:
@@ -123,6 +170,7 @@ class StaticRoute:
     stats: dict[str, BackendStats]
     salt: bytes
     shadow_salt: bytes
+    gate: Gate | None = None  # the route's concurrency limit (shared by its snapshots)
 
 
 class CompiledRoute:
@@ -131,7 +179,8 @@ class CompiledRoute:
     __slots__ = (
         "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
         "sticky", "sticky_name", "override_header", "override_name", "timeouts", "max_body",
-        "taps", "needs_request_body", "needs_response_body", "rules",
+        "taps", "needs_request_body", "needs_response_body", "rules", "fallback", "gate",
+        "retry_safe",
     )
 
     def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
@@ -158,6 +207,10 @@ class CompiledRoute:
         self.needs_request_body = (any(t.needs_request_body for t in taps)
                                    or (self.rules is not None and self.rules.needs_body))
         self.needs_response_body = any(t.needs_response_body for t in taps)
+        # A failed canary request may be retried on live (and a canary is there to fail).
+        self.fallback = cfg.fallback and self.canary is not None
+        self.gate = static.gate
+        self.retry_safe = cfg.side_effect_free  # a reset request may go to another URL
 
     def matches(self, host: str | None, path: str) -> bool:
         if self.host is not None and (host or "").split(":", 1)[0].lower() != self.host:

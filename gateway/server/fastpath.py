@@ -18,7 +18,11 @@ backend connection's parser callback. Why: per request this saves the Task, its 
 Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly:
 - a response head announcing a streamed, chunked or large body: the Task streams it on;
 - a reused connection that failed before any byte came back (the backend closed it while
-  idle): the Task sends again, like `FastUpstream.send`'s retry.
+  idle): the Task sends again, like `FastUpstream.send`'s retry;
+- a failure before the status line (or a canary's 503) that `resilience.retry.retry` sends
+  again, to another URL of the backend or, for a canary with `fallback`, to live: the Task
+  sends it as the changed plan says (the canary is charged its failure first);
+- a route or backend over its concurrency limit: the Task answers 503.
 Other failures are answered here as the Task path would: 502/504 before the head, the same
 error after a broken body. Timeouts need no timer: the pool's deadline sweep fails a
 connection whose backend is silent past the route's read timeout (`_Conn.timed_out`).
@@ -40,6 +44,8 @@ from gateway.proxy import (
     Resume,
     error_response,
 )
+from gateway.resilience.limits import admit, full, leave
+from gateway.resilience.retry import may_resend, retry
 from gateway.upstream import Headers
 from gateway.upstream.fastpool import IDEMPOTENT, FastResponse, FastUpstream, _Conn
 
@@ -116,6 +122,11 @@ class FastExchange:
         proxy = self.proxy
         client = self.client
         status = resp.status
+        plan.backend.report(plan.upstream, status)
+        if status == 503 and plan.route.fallback and retry(plan, 503, "", False):
+            resp.body_now()  # a canary's 503 the client will not see: live answers
+            self._again()
+            return
         exchange = (proxy.exchange(plan, request, status, resp.headers, self.payload)
                     if plan.route.taps else None)
         body = resp.body_now()
@@ -134,15 +145,18 @@ class FastExchange:
         plan = self.plan
         request = self.request
         resp = self.resp
-        self._uncount()
         if (resp is None and not got_bytes and isinstance(exc, UpstreamResetError)
                 and request.method in IDEMPOTENT):
             # A reused connection the backend had closed: the Task sends again (only what may
             # be sent twice: a POST the backend processed before dying must not run again).
-            if self.payload is not None:
-                cast(BufferedBody, request.body).chunks.append(self.payload)
-            self.client.resume(request, self.keep_alive, Resume(plan))
+            self._again()
             return
+        if resp is None:
+            plan.backend.report_failure(plan.upstream, exc.kind)
+            if retry(plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
+                self._again()  # another URL, or live for a failed canary
+                return
+        self._uncount()
         route = plan.route
         backend = plan.backend
         status = exc.status
@@ -165,10 +179,20 @@ class FastExchange:
         self.proxy.finished(plan, request, status, exchange)
         self.client.fast_done(request)
 
+    def _again(self) -> None:
+        """Send the request again through the Task, as `self.plan` now says."""
+        self._uncount()
+        if self.payload is not None:
+            cast(BufferedBody, self.request.body).chunks.append(self.payload)
+        self.client.resume(self.request, self.keep_alive, Resume(self.plan))
+
     def _uncount(self) -> None:
         proxy = self.proxy
+        plan = self.plan
         proxy.in_flight -= 1
-        proxy.recorder.in_flight[self.plan.route.name] -= 1
+        proxy.recorder.in_flight[plan.route.name] -= 1
+        if plan.route.gate is not None or plan.backend.gate is not None:
+            leave(plan.route.gate, plan.backend.gate)
 
 
 def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool) -> None:
@@ -178,10 +202,6 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     if type(plan) is not Plan:
         client.resume(request, keep_alive, None)
         return
-    upstream = plan.upstream
-    if type(upstream) is not FastUpstream:
-        client.resume(request, keep_alive, Resume(plan))
-        return
     body: BufferedBody | None = request.body  # type: ignore[assignment]  # the fast server's
     payload: bytes | None = None
     if body is not None:
@@ -189,10 +209,15 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
         payload = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     if plan.rules_at >= 0:  # rules on the body: it is all here, so they decide now
         proxy.body_rules(plan, request, payload)
-        upstream = plan.upstream
-        if type(upstream) is not FastUpstream:
-            client.resume(request, keep_alive, Resume(plan))
-            return
+    upstream = plan.upstream
+    route = plan.route
+    gated = route.gate is not None or plan.backend.gate is not None
+    if type(upstream) is not FastUpstream or (gated and full(route.gate, plan.backend.gate)):
+        # Over a concurrency limit: the Task path counts and answers the 503 (rare).
+        client.resume(request, keep_alive, Resume(plan))
+        return
+    if gated:
+        admit(route.gate, plan.backend.gate)
     exchange = FastExchange(client, proxy, request, keep_alive, plan, payload)
     client.begin_answer(request, keep_alive)
     exchange.sent = time.perf_counter()
@@ -202,6 +227,8 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     except ValueError:
         started = False  # a header that cannot be written: the Task path answers 400
     if not started:
+        if gated:
+            leave(route.gate, plan.backend.gate)
         client.resume(request, keep_alive, Resume(plan))
         return
     if body is not None:
