@@ -154,7 +154,8 @@ class AnalysisConfig:
                                "min_samples": self.min_samples}
         if self.latency_ms is not None:
             out["latency_ms"] = self.latency_ms
-            out["latency_margin"] = self.slow_margin
+        if self.latency_margin is not None:
+            out["latency_margin"] = self.latency_margin
         return out
 
 

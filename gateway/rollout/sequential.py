@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 RHOS = (1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+_LOG_RHOS = tuple((math.log(rho), rho - 1.0) for rho in RHOS)
 ERRORS = "errors"
 LATENCY = "latency"
 WORSE = "worse"
@@ -76,9 +77,22 @@ def share_log_lr(cand: Counts, live: Counts, rho: float) -> float:
     return x1 * math.log(rho) - (x1 + x0) * math.log1p(n1 / (n1 + n0) * (rho - 1.0))
 
 
+def share_log_lrs(cand: Counts, live: Counts) -> tuple[float, ...] | None:
+    """`share_log_lr` for every ρ of `RHOS`; None when the batch says nothing."""
+    n1, x1 = cand
+    n0, x0 = live
+    hits = x1 + x0
+    if hits <= 0 or n1 <= 0 or n0 <= 0:
+        return None
+    w = n1 / (n1 + n0)
+    return tuple([x1 * log_rho - hits * math.log1p(w * rho_1) for log_rho, rho_1 in _LOG_RHOS])
+
+
 def mixture_e(log_lrs: tuple[float, ...]) -> float:
     """The e-value of the equal-weight mixture over `RHOS` of the cumulative log ratios."""
-    return sum(math.exp(min(v, MAX_LOG)) for v in log_lrs) / len(log_lrs)
+    if max(log_lrs) > MAX_LOG:
+        return math.exp(MAX_LOG)
+    return sum(map(math.exp, log_lrs)) / len(log_lrs)
 
 
 def restricted_variance(cand: Counts, live: Counts, delta: float) -> float:
@@ -128,14 +142,16 @@ class MetricEvidence(NamedTuple):
 
     def update(self, cand: Counts, live: Counts, margin: float) -> MetricEvidence:
         """Add one check's new traffic (`cand`, `live`: counts since the last check)."""
-        log_lrs = tuple([v + share_log_lr(cand, live, rho)
-                         for v, rho in zip(self.log_lrs, RHOS, strict=True)])
-        total_c, total_l = self.cand.plus(cand), self.live.plus(live)
-        return MetricEvidence(
-            total_c, total_l, log_lrs,
-            max(self.max_worse, mixture_e(log_lrs)),
-            max(self.max_not_worse, not_worse_e(total_c, total_l, margin)),
-        )
+        lrs = share_log_lrs(cand, live)
+        log_lrs = self.log_lrs
+        max_worse = self.max_worse
+        if lrs is not None:
+            log_lrs = tuple([a + b for a, b in zip(log_lrs, lrs, strict=True)])
+            max_worse = max(max_worse, mixture_e(log_lrs))
+        total_c = Counts(self.cand[0] + cand[0], self.cand[1] + cand[1])
+        total_l = Counts(self.live[0] + live[0], self.live[1] + live[1])
+        return MetricEvidence(total_c, total_l, log_lrs, max_worse,
+                              max(self.max_not_worse, not_worse_e(total_c, total_l, margin)))
 
     def to_json(self) -> dict[str, Any]:
         return {"candidate": [self.cand.requests, self.cand.hits],
@@ -184,8 +200,7 @@ class Evidence:
         return cls(metrics, int(data.get("step_requests", 0)))
 
 
-@dataclass(frozen=True, slots=True)
-class MetricVerdict:
+class MetricVerdict(NamedTuple):
     metric: str
     verdict: str
     candidate: Counts
@@ -220,8 +235,7 @@ class MetricVerdict:
                 f"(α {self.alpha_not_worse:g})")
 
 
-@dataclass(frozen=True, slots=True)
-class SequentialResult:
+class SequentialResult(NamedTuple):
     """One check's sequential verdict: ``worse``, ``not_worse`` or ``pending``."""
 
     verdict: str

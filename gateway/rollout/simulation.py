@@ -16,6 +16,8 @@ seeded: the same numbers every run).
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 import math
 import random
 import statistics
@@ -69,22 +71,23 @@ class Summary:
         return self.rolled_back / self.runs
 
 
+@functools.lru_cache(maxsize=256)
+def _cdf(n: int, p: float) -> tuple[float, ...]:
+    out: list[float] = []
+    total = 0.0
+    for k in range(n + 1):
+        total += math.comb(n, k) * p ** k * (1.0 - p) ** (n - k)
+        out.append(total)
+    return tuple(out)
+
+
 def binomial(rng: random.Random, n: int, p: float) -> int:
-    """A Binomial(n, p) draw by geometric skips: O(successes), no numpy needed."""
+    """A Binomial(n, p) draw by inverting its CDF (a cached table per n, p; no numpy)."""
     if n <= 0 or p <= 0.0:
         return 0
     if p >= 1.0:
         return n
-    if p > 0.5:
-        return n - binomial(rng, n, 1.0 - p)
-    log_q = math.log1p(-p)
-    hits = 0
-    i = 0
-    while True:
-        i += int(math.log(1.0 - rng.random()) / log_q) + 1
-        if i > n:
-            return hits
-        hits += 1
+    return min(n, bisect.bisect_right(_cdf(n, p), rng.random()))
 
 
 def _traffic(rng: random.Random, sc: Scenario, weight: float) -> tuple[Counts, Counts]:
