@@ -318,3 +318,17 @@ def test_simulation_false_rollbacks_at_alpha_and_a_2x_worse_candidate_is_caught(
 def test_simulation_is_seeded() -> None:
     sc = Scenario(cand_rate=0.04)
     assert simulate_sequential(sc, 20, seed=5) == simulate_sequential(sc, 20, seed=5)
+
+
+def test_cli_start_flags_build_the_analysis_section() -> None:
+    from gateway.cli import build_parser
+    from gateway.cli.rollout import build_body
+
+    args = build_parser().parse_args([
+        "rollout", "start", "classifier", "--analysis", "sequential", "--alpha", "0.01",
+        "--margin", "0.02", "--min-samples", "200", "--latency-ms", "300"])
+    assert build_body(args)["analysis"] == {"mode": "sequential", "alpha": 0.01,
+                                            "margin": 0.02, "min_samples": 200,
+                                            "latency_ms": 300.0}
+    plain = build_parser().parse_args(["rollout", "start", "classifier"])
+    assert "analysis" not in build_body(plain)

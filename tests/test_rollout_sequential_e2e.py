@@ -1,0 +1,122 @@
+"""Sequential verdicts end to end: a real gateway, the real demo model servers (blue v1,
+green v2), loopback sockets, client traffic; the rollout decided by the sequential test, shown
+by `modelgate rollout status` and in the audit events."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+from typing import Any
+
+from gateway.cli import main
+from tests.helpers import TOKEN, ModelServer, classifier_config, running_gateway
+from tests.test_rollout_support import (
+    ROLLOUT,
+    ROUTE,
+    Traffic,
+    events,
+    set_faults,
+    wait_phase,
+)
+
+ALPHA = 0.05
+
+
+def plan(**overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "backend": "green", "steps": [20, 50, 100],
+        # A bake time the test never reaches: only the sequential verdict can move a step.
+        "interval": "10m", "check_interval": "100ms", "failure_threshold": 3,
+        "gates": {"max_error_rate": 1, "min_requests": 5},  # no ceiling: the test decides
+        "analysis": {"mode": "sequential", "alpha": ALPHA, "margin": 0.2, "min_samples": 25},
+    }
+    body.update(overrides)
+    return body
+
+
+async def status(gw_admin_url: str, *extra: str) -> str:
+    """`modelgate rollout status classifier` as a user's shell runs it (in a thread)."""
+    out = io.StringIO()
+
+    def run() -> int:
+        with contextlib.redirect_stdout(out):
+            return main(["rollout", "status", ROUTE, "--admin", gw_admin_url,
+                         "--token", TOKEN, *extra])
+
+    assert await asyncio.to_thread(run) == 0
+    return out.getvalue()
+
+
+async def test_candidate_with_errors_is_rolled_back_by_the_sequential_test(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    await set_faults(green.url, error_rate=0.3)
+    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+        async with Traffic(gw.client) as traffic:
+            await traffic.more(20)
+            r = await gw.admin.post(ROLLOUT, json=plan())
+            assert r.status_code == 201, r.text
+            view = await wait_phase(gw, "rolled_back", "promoted", "aborted", timeout=30)
+        assert view["phase"] == "rolled_back", view["reason"]
+        assert gw.gateway.control.state(ROUTE).canary_weight == 0
+        assert "significantly worse" in view["reason"]
+        seq = view["last_check"]["sequential"]
+        errors = next(m for m in seq["metrics"] if m["metric"] == "errors")
+        assert seq["verdict"] == "worse" and errors["verdict"] == "worse"
+        assert errors["p_worse"] <= ALPHA and errors["e_worse"] >= 1 / ALPHA
+        assert errors["candidate"]["requests"] >= 25 and errors["candidate"]["hits"] > 0
+        assert errors["live"]["hits"] == 0 and errors["live"]["requests"] > 0
+
+        # The audit event of the decision carries the verdict, p-values and samples.
+        log = await events(gw)
+        decided = next(e for e in log if e["action"] == "rollout_rollback")
+        assert decided["after"]["analysis"]["sequential"] == seq
+        assert "p_worse" in decided["reason"]
+        assert traffic.count > 0
+
+        # ... and so does `modelgate rollout status`, for humans and as JSON.
+        text = await status(gw.admin_url)
+        assert "sequential test: worse" in text
+        assert f"{errors['candidate']['hits']} err / {errors['candidate']['requests']}" in text
+        assert "p worse" in text and "rolled_back" in text
+        shown = json.loads(await status(gw.admin_url, "--json"))
+        assert shown["last_check"]["sequential"] == seq
+
+
+async def test_healthy_candidate_advances_early_on_not_worse(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+        # A bad analysis section: a 400 naming the key, and no rollout.
+        r = await gw.admin.post(ROLLOUT, json=plan(analysis={"mode": "sequential",
+                                                             "alpha": 2}))
+        assert r.status_code == 400, r.text
+        assert "analysis.alpha" in r.json()["message"]
+        assert (await gw.admin.get(ROLLOUT)).status_code == 404
+        async with Traffic(gw.client) as traffic:
+            await traffic.more(20)
+            r = await gw.admin.post(ROLLOUT, json=plan())
+            assert r.status_code == 201, r.text
+            view = await wait_phase(gw, "promoted", "rolled_back", "aborted", timeout=30)
+            await traffic.more(20)
+        assert view["phase"] == "promoted", view["reason"]
+        state = gw.gateway.control.state(ROUTE)
+        assert (state.live, state.previous) == ("green", "blue")
+        # Promoted long before one 10-minute bake: the evidence moved every step.
+        assert view["finished"] - view["started"] < 60
+        log = await events(gw)
+    steps = [e for e in log if e["action"] in ("rollout_step", "rollout_promote")]
+    assert [e["after"]["weight"] for e in steps] == [50, 100, 100]
+    for e in steps:
+        assert "sequential verdict not worse" in e["reason"], e["reason"]
+        seq = e["after"]["analysis"]["sequential"]
+        errors = seq["metrics"][0]
+        assert seq["verdict"] == "not_worse" and errors["p_not_worse"] <= ALPHA
+        assert seq["step_requests"] >= 25
+    # The test runs over the whole rollout: its samples only grow from step to step.
+    seen = [e["after"]["analysis"]["sequential"]["metrics"][0]["candidate"]["requests"]
+            for e in steps]
+    assert seen == sorted(seen)
+    assert all(r.status == 200 for r in traffic.results)
