@@ -332,3 +332,24 @@ def test_cli_start_flags_build_the_analysis_section() -> None:
                                             "latency_ms": 300.0}
     plain = build_parser().parse_args(["rollout", "start", "classifier"])
     assert "analysis" not in build_body(plain)
+
+
+def test_config_schema_describes_the_analysis_section() -> None:
+    import jsonschema
+
+    from gateway.config import config_schema, parse_config
+
+    validator = jsonschema.Draft202012Validator(config_schema())
+    route: dict[str, object] = {
+        "name": "r", "match": {"path_prefix": "/r"}, "live": "blue",
+        "backends": {"blue": {"url": "http://127.0.0.1:1"},
+                     "green": {"url": "http://127.0.0.1:2"}},
+        "rollout": {"backend": "green", "analysis": {"mode": "sequential", "alpha": 0.01,
+                                                     "margin": 0.02, "latency_ms": 300}}}
+    doc = {"routes": [route]}
+    assert not list(validator.iter_errors(doc))
+    assert parse_config(doc).routes[0].rollout is not None
+    route["rollout"] = {"analysis": {"mode": "sequential", "alpha": 0.9}}
+    assert list(validator.iter_errors(doc))
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.rollout\.analysis\.alpha"):
+        parse_config(doc)

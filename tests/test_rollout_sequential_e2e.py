@@ -120,3 +120,27 @@ async def test_healthy_candidate_advances_early_on_not_worse(
             for e in steps]
     assert seen == sorted(seen)
     assert all(r.status == 200 for r in traffic.results)
+
+
+async def test_slow_candidate_is_rolled_back_on_the_latency_metric(
+    blue: ModelServer, green: ModelServer
+) -> None:
+    await set_faults(green.url, latency_ms=250)
+    async with running_gateway(classifier_config(blue.url, green.url)) as gw:
+        async with Traffic(gw.client, loops=6) as traffic:
+            await traffic.more(20)
+            r = await gw.admin.post(ROLLOUT, json=plan(analysis={
+                "mode": "sequential", "alpha": ALPHA, "margin": 0.2, "min_samples": 25,
+                "latency_ms": 150}))
+            assert r.status_code == 201, r.text
+            view = await wait_phase(gw, "rolled_back", "promoted", "aborted", timeout=30)
+        assert view["phase"] == "rolled_back", view["reason"]
+        assert traffic.count > 0
+    seq = view["last_check"]["sequential"]
+    by = {m["metric"]: m for m in seq["metrics"]}
+    assert by["latency"]["verdict"] == "worse" and by["errors"]["verdict"] != "worse"
+    # Two metrics: each "worse" side at α/2, so the pair's false rollbacks stay ≤ α.
+    assert by["latency"]["alpha_worse"] == ALPHA / 2
+    assert by["latency"]["p_worse"] <= ALPHA / 2
+    assert by["latency"]["candidate"]["hits"] > 0 and by["latency"]["live"]["hits"] == 0
+    assert "sequential latency worse" in view["reason"]
