@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.cli import main
 from tests.helpers import TOKEN, ModelServer, classifier_config, running_gateway
+from tests.redis_server import RedisServer
 from tests.test_rollout_support import (
     ROLLOUT,
     ROUTE,
@@ -144,3 +145,23 @@ async def test_slow_candidate_is_rolled_back_on_the_latency_metric(
     assert by["latency"]["p_worse"] <= ALPHA / 2
     assert by["latency"]["candidate"]["hits"] > 0 and by["latency"]["live"]["hits"] == 0
     assert "sequential latency worse" in view["reason"]
+
+
+async def test_the_controller_tests_the_clusters_traffic(
+    blue: ModelServer, green: ModelServer, redis_server: RedisServer,
+) -> None:
+    """Two gateways on one Redis; all traffic goes through the one that does not decide: the
+    sequential test reads the cluster's numbers, so the controller still rolls back."""
+    config = classifier_config(blue.url, green.url, store=redis_server.url)
+    await set_faults(green.url, error_rate=0.3)
+    async with running_gateway(config) as a, running_gateway(config) as b:
+        leader, follower = (a, b) if a.gateway.lease.held else (b, a)
+        assert not follower.gateway.lease.held
+        r = await follower.admin.post(ROLLOUT, json=plan())
+        assert r.status_code == 201, r.text
+        async with Traffic(follower.client, loops=3):
+            view = await wait_phase(leader, "rolled_back", "promoted", "aborted", timeout=30)
+        assert view["phase"] == "rolled_back", view["reason"]
+        assert leader.gateway.recorder.stats(ROUTE, "green").totals().requests == 0
+        errors = view["last_check"]["sequential"]["metrics"][0]
+        assert errors["verdict"] == "worse" and errors["candidate"]["hits"] > 0

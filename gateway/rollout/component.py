@@ -12,6 +12,9 @@
 - One scheduler task ticks every progressing rollout at its own check interval: analyse
   (`analysis.judge` over `analysis.Meter` windows), decide (`controller.advance`, pure), write,
   carry out.
+- Sequential mode (`analysis: {mode: sequential}`): each check hands this process's new
+  traffic since its last check (`Meter.batch`) to the test, whose evidence rides in the rollout
+  document (`RolloutState.evidence`), so a new lease holder continues the same test.
 - Guarded blue-green: `guarded_switch` (offered as `Hooks.switch`) checks the target's
   readiness first and can bake the
   switch (watch the same gates, switch back on failure).
