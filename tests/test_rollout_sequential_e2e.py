@@ -11,13 +11,14 @@ import json
 from typing import Any
 
 from gateway.cli import main
-from tests.helpers import TOKEN, ModelServer, classifier_config, running_gateway
+from tests.helpers import TOKEN, ModelServer, classifier_config, running_gateway, wait_for
 from tests.redis_server import RedisServer
 from tests.test_rollout_support import (
     ROLLOUT,
     ROUTE,
     Traffic,
     events,
+    rollout_view,
     set_faults,
     wait_phase,
 )
@@ -165,3 +166,46 @@ async def test_the_controller_tests_the_clusters_traffic(
         assert leader.gateway.recorder.stats(ROUTE, "green").totals().requests == 0
         errors = view["last_check"]["sequential"]["metrics"][0]
         assert errors["verdict"] == "worse" and errors["candidate"]["hits"] > 0
+
+
+async def test_a_new_lease_holder_continues_the_same_test(
+    blue: ModelServer, green: ModelServer, redis_server: RedisServer,
+) -> None:
+    """The controller hands its lease over mid-step: the other process goes on from the
+    evidence in the rollout document (the samples never drop back) and finishes the rollout."""
+    config = classifier_config(blue.url, green.url, store=redis_server.url)
+    async with running_gateway(config) as a, running_gateway(config) as b:
+        leader, follower = (a, b) if a.gateway.lease.held else (b, a)
+        r = await follower.admin.post(ROLLOUT, json=plan(steps=[50, 100], analysis={
+            "mode": "sequential", "alpha": ALPHA, "margin": 0.2, "min_samples": 150}))
+        assert r.status_code == 201, r.text
+        seen: list[int] = []
+
+        async def samples() -> int:
+            view = (await follower.admin.get(ROLLOUT)).json()
+            seq = (view.get("last_check") or {}).get("sequential")
+            if seq and view["phase"] == "progressing":
+                seen.append(seq["metrics"][0]["candidate"]["requests"])
+            return seen[-1] if seen else 0
+
+        async with Traffic(follower.client, loops=3):
+            await wait_for(lambda: _at_least(samples, 40), timeout=20,
+                           message="evidence gathered by the first controller")
+            assert (await rollout_view(follower))["step"] == 0
+            before = seen[-1]
+            await leader.gateway.lease.stop()  # hand over, as on a graceful shutdown
+            await wait_for(lambda: follower.gateway.lease.held, timeout=15,
+                           message="the other process to take the lease")
+            await wait_for(lambda: _at_least(samples, before + 20), timeout=20,
+                           message="checks by the new controller")
+            view = await wait_phase(follower, "promoted", "rolled_back", "aborted",
+                                    timeout=30)
+        assert view["phase"] == "promoted", view["reason"]
+        assert seen == sorted(seen), seen  # never restarted from zero
+        promote = [e for e in await events(follower) if e["action"] == "rollout_promote"]
+        final = promote[0]["after"]["analysis"]["sequential"]["metrics"][0]
+        assert final["candidate"]["requests"] >= before + 150
+
+
+async def _at_least(read: Any, n: int) -> bool:
+    return bool(await read() >= n)
