@@ -144,7 +144,9 @@ async def test_slow_candidate_is_rolled_back_on_the_latency_metric(
     # Two metrics: each "worse" side at α/2, so the pair's false rollbacks stay ≤ α.
     assert by["latency"]["alpha_worse"] == ALPHA / 2
     assert by["latency"]["p_worse"] <= ALPHA / 2
-    assert by["latency"]["candidate"]["hits"] > 0 and by["latency"]["live"]["hits"] == 0
+    cand, live = by["latency"]["candidate"], by["latency"]["live"]
+    # (live may have a slow request on a busy machine; green's are all slow)
+    assert cand["hits"] == cand["requests"] > 0 and live["hits"] < live["requests"] / 10
     assert "sequential latency worse" in view["reason"]
 
 
