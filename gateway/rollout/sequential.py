@@ -19,11 +19,12 @@ P(ever ≥ 1/α) ≤ α. For ρ_true < 1 it is a supermartingale, so a better ca
 mSPRT (Johari, Pekelis, Walsh, "Always valid inference", 2017) on the difference of the
 cumulative rates, one-sided (a half-normal mixture, scale τ = margin), with the variance
 evaluated under H0 (rates shifted by the margin, as Farrington-Manning): at zero errors the
-variance stays ≥ margin(1 − margin)/n, so "no errors yet" is not certainty. The difference of
-two means with any allocation sequence (weights changing between steps, live idle at 100 %)
-is the maximal invariant under a common shift, whose likelihood ratio is a martingale (Wijsman),
-so the mixture is valid for any ramp; the binomial plug-in is the approximation, checked by
-the simulation (tests/test_rollout_sequential.py, `python -m gateway.rollout.sequential`).
+variance stays ≥ margin(1 − margin)/n, so "no errors yet" is not certainty. For normal data
+with any allocation sequence (weights changing between steps, live idle at 100 %), the
+likelihood ratio of the maximal invariant under a common shift (Wijsman) is exactly the normal
+likelihood ratio of the difference of means with that variance, and a martingale: so the
+mixture is valid for any ramp; the binomial plug-in is the approximation, checked by the
+simulation (tests/test_rollout_sequential.py, `python -m gateway.rollout.simulation`).
 
 α: a false rollback needs one "worse" test to cross, so with the latency test on, each metric's
 "worse" side runs at α/2 (Bonferroni); a false advance needs *every* metric's "not worse" side
