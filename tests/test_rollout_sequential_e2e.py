@@ -10,6 +10,7 @@ import io
 import json
 from typing import Any
 
+from gateway.admin.routes.rollout import VIEW
 from gateway.cli import main
 from tests.helpers import TOKEN, ModelServer, classifier_config, running_gateway, wait_for
 from tests.redis_server import RedisServer
@@ -62,6 +63,7 @@ async def test_candidate_with_errors_is_rolled_back_by_the_sequential_test(
             assert r.status_code == 201, r.text
             view = await wait_phase(gw, "rolled_back", "promoted", "aborted", timeout=30)
         assert view["phase"] == "rolled_back", view["reason"]
+        VIEW.validate_python(view)  # the OpenAPI document's response model holds it
         assert gw.gateway.control.state(ROUTE).canary_weight == 0
         assert "significantly worse" in view["reason"]
         seq = view["last_check"]["sequential"]
