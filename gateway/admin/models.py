@@ -372,7 +372,7 @@ class RolloutView(_Open):
     kind: str
     backend: str
     baseline: str
-    phase: Literal["progressing", "paused", "promoted", "aborted"]
+    phase: Literal["progressing", "paused", "promoted", "rolled_back", "aborted"]
     step: int
     steps: list[float]
     weight: float

@@ -3,8 +3,9 @@
 ``start`` builds the API body from ``--plan-file`` (JSON, the same keys as the config's
 ``rollout:`` section) overlaid with the flags; with neither, the route's config plan is used.
 ``status --watch`` redraws a live view (step bar, weight, time in step, each gate's value and
-verdict) until the rollout ends; its exit code is 0 when promoted, 1 when rolled back or
-aborted. Every command takes --admin/--token/--json.
+verdict; in sequential mode the test's verdict, p-values and the samples behind them) until
+the rollout ends; its exit code is 0 when promoted, 1 when rolled back or aborted.
+Every command takes --admin/--token/--json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from gateway.cli.client import (
 )
 
 TERMINAL = frozenset({"promoted", "rolled_back", "aborted"})
-VERDICT_STYLE = {"pass": "green", "fail": "bold red", "no_data": "yellow", "skipped": "dim"}
+VERDICT_STYLE = {"pass": "green", "fail": "bold red", "no_data": "yellow", "skipped": "dim",
+                 "worse": "bold red", "not_worse": "green", "pending": "yellow"}
 PHASE_STYLE = {"progressing": "cyan", "paused": "yellow", "promoted": "green",
                "rolled_back": "bold red", "aborted": "red"}
 GATE_FLAGS: tuple[tuple[str, type, str], ...] = (
@@ -43,6 +45,13 @@ GATE_FLAGS: tuple[tuple[str, type, str], ...] = (
     ("max_ttft_p99_ms", float, "max candidate p99 time to first event of streamed answers, ms"),
     ("max_ttft_p99_ratio", float, "max candidate/live p99 time-to-first-event ratio"),
     ("min_requests", int, "requests in the window before a gate may pass or fail"),
+)
+
+SEQUENTIAL_FLAGS: tuple[tuple[str, type, str], ...] = (
+    ("alpha", float, "sequential: false-alarm bound, e.g. 0.05"),
+    ("margin", float, "sequential: error-rate margin of 'not worse', e.g. 0.01"),
+    ("min_samples", int, "sequential: candidate requests before any verdict (and per step)"),
+    ("latency_ms", float, "sequential: also test the share of requests slower than this"),
 )
 
 
@@ -67,6 +76,11 @@ def register(sub: Any) -> None:
     p.add_argument("--failure-threshold", type=int,
                    help="consecutive failed checks that roll back")
     for name, kind, text in GATE_FLAGS:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
+    p.add_argument("--analysis", choices=("fixed", "sequential"),
+                   help="sequential: an always-valid test against live stops the rollout "
+                        "early (roll back when worse, advance when not worse by --margin)")
+    for name, kind, text in SEQUENTIAL_FLAGS:
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=text)
     p.add_argument("--no-firing-alarms", action="store_true",
                    help="fail a check while a monitoring alarm of the route fires")
@@ -138,6 +152,15 @@ def build_body(args: argparse.Namespace) -> dict[str, Any]:
         gates["no_firing_alarms"] = True
     if gates:
         body["gates"] = gates
+    analysis = dict(body.get("analysis") or {})
+    if args.analysis is not None:
+        analysis["mode"] = args.analysis
+    for name, _, _ in SEQUENTIAL_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            analysis[name] = value
+    if analysis:
+        body["analysis"] = analysis
     if args.force:
         body["force"] = True
     return body
@@ -287,7 +310,39 @@ def render(view: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [head, rows]
     if check.get("gates"):
         parts.append(gates)
+    sequential = check.get("sequential")
+    if sequential:
+        parts.append(sequential_table(sequential))
     return Group(*parts)
+
+
+def sequential_table(result: dict[str, Any]) -> RenderableType:
+    """The sequential test: its verdict, and per metric the samples, p-values and e-values."""
+    verdict = str(result.get("verdict"))
+    title = Text()
+    title.append("sequential test: ", style="bold")
+    title.append(verdict, style=VERDICT_STYLE.get(verdict, ""))
+    title.append(f"  (step: {result.get('step_requests', 0)} candidate requests, "
+                 f"min_samples {result.get('min_samples')})")
+    table = Table(show_edge=False, header_style="bold")
+    for name, justify in (("metric", "left"), ("candidate", "right"), ("live", "right"),
+                          ("p worse", "right"), ("p not worse", "right"),
+                          ("e worse", "right"), ("verdict", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for m in result.get("metrics") or []:
+        what = "err" if m.get("metric") == "errors" else "slow"
+        cand, live = m.get("candidate") or {}, m.get("live") or {}
+        mv = str(m.get("verdict"))
+        table.add_row(
+            str(m.get("metric")),
+            f"{cand.get('hits', 0)} {what} / {cand.get('requests', 0)}",
+            f"{live.get('hits', 0)} {what} / {live.get('requests', 0)}",
+            f"{_fmt(m.get('p_worse'))} (α {_fmt(m.get('alpha_worse'))})",
+            f"{_fmt(m.get('p_not_worse'))} (α {_fmt(m.get('alpha_not_worse'))})",
+            _fmt(m.get("e_worse")),
+            Text(mv, style=VERDICT_STYLE.get(mv, "")),
+        )
+    return Group(title, table)
 
 
 def _fmt(value: Any) -> str:

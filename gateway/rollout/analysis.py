@@ -13,18 +13,35 @@ Verdicts: ``pass``, ``fail``, ``no_data`` (too little traffic to judge: the step
 neither a pass nor a failure) and ``skipped`` (the gate does not apply now, e.g. a ratio to the
 live backend when the live backend has no traffic at 100%, or shadow agreement when no shadow
 comparison runs).
+
+With ``analysis: {mode: sequential}`` a ``sequential`` gate joins them: the always-valid test
+of gateway.rollout.sequential over the rollout's whole traffic (`Meter.batch` hands it each
+check's new requests): ``fail`` when the candidate is significantly worse (the controller rolls
+back at once), ``pass`` when significantly not worse by the margin, ``no_data`` while pending.
 """
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from gateway.histogram import FINE_BOUNDS
 from gateway.metrics import EMPTY, Totals, WindowSummary, quantile
-from gateway.rollout.plan import Gates
+from gateway.rollout.plan import AnalysisConfig, Gates
+from gateway.rollout.sequential import (
+    ERRORS,
+    LATENCY,
+    NOT_WORSE,
+    WORSE,
+    Counts,
+    Evidence,
+    SequentialResult,
+    decide,
+)
 from gateway.streaming import ttft_hist
 
 log = logging.getLogger("modelgate.rollout")
@@ -89,6 +106,7 @@ class Analysis:
     candidate: Sample
     live: Sample
     gates: tuple[GateResult, ...]
+    sequential: SequentialResult | None = None
 
     def summary(self) -> str:
         """The gates that decided the verdict, with their numbers (goes into audit events)."""
@@ -102,9 +120,12 @@ class Analysis:
                 f"{self.live.errors} err)")
 
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "window": round(self.window, 3),
-                "candidate": self.candidate.to_json(), "live": self.live.to_json(),
-                "gates": [g.to_json() for g in self.gates]}
+        out = {"verdict": self.verdict, "window": round(self.window, 3),
+               "candidate": self.candidate.to_json(), "live": self.live.to_json(),
+               "gates": [g.to_json() for g in self.gates]}
+        if self.sequential is not None:
+            out["sequential"] = self.sequential.to_json()
+        return out
 
 
 def judge(
@@ -115,9 +136,11 @@ def judge(
     *,
     shadow: tuple[int, float | None] | None = None,
     alarms: list[str] | None = None,
+    sequential: SequentialResult | None = None,
 ) -> Analysis:
     """Evaluate every configured gate. `shadow` is (pairs, agreement rate) when a shadow
-    comparison runs, `alarms` the firing alarm names when monitoring runs (None: absent)."""
+    comparison runs, `alarms` the firing alarm names when monitoring runs (None: absent),
+    `sequential` the sequential test's verdict in that mode."""
     need = gates.min_requests
     results: list[GateResult] = []
     enough = candidate.requests >= need
@@ -192,6 +215,9 @@ def judge(
             results.append(GateResult("firing_alarms", float(len(alarms)), 0.0, verdict,
                                       f"firing: {', '.join(alarms)}" if alarms else ""))
 
+    if sequential is not None:
+        results.append(sequential_gate(sequential))
+
     verdicts = {r.verdict for r in results}
     if FAIL in verdicts:
         overall = FAIL
@@ -199,7 +225,49 @@ def judge(
         overall = NO_DATA
     else:
         overall = PASS
-    return Analysis(overall, window, Sample.of(candidate), Sample.of(live), tuple(results))
+    return Analysis(overall, window, Sample.of(candidate), Sample.of(live), tuple(results),
+                    sequential)
+
+
+def slow_requests(window: WindowSummary, threshold_ms: float) -> int:
+    """Requests in latency buckets wholly above `threshold_ms` (the threshold rounds up to a
+    bucket bound, ≤ 20 % coarser; both backends are counted alike)."""
+    first = bisect.bisect_left(FINE_BOUNDS, threshold_ms / 1000.0) + 1
+    return sum(window.hist[first:])
+
+
+def sequential_check(config: AnalysisConfig, evidence: Evidence, candidate: WindowSummary,
+                     live: WindowSummary) -> SequentialResult:
+    """Add one check's new traffic (`candidate`, `live`: since the previous check) to the
+    evidence and decide."""
+    batches = {ERRORS: (Counts(candidate.requests, candidate.errors),
+                        Counts(live.requests, live.errors), config.margin)}
+    if config.latency_ms is not None:
+        batches[LATENCY] = (Counts(candidate.requests, slow_requests(candidate,
+                                                                     config.latency_ms)),
+                            Counts(live.requests, slow_requests(live, config.latency_ms)),
+                            config.slow_margin)
+    return decide(evidence.update(batches), config.alpha, config.min_samples)
+
+
+def sequential_gate(result: SequentialResult) -> GateResult:
+    """The sequential verdict as a gate: its value the smallest p-value that decides it."""
+    if result.verdict == WORSE:
+        worst = min(result.metrics, key=lambda m: m.p_worse)
+        return GateResult("sequential", worst.p_worse, worst.alpha_worse, FAIL,
+                          result.describe())
+    if result.verdict == NOT_WORSE:
+        weakest = max(result.metrics, key=lambda m: m.p_not_worse)
+        return GateResult("sequential", weakest.p_not_worse, weakest.alpha_not_worse, PASS,
+                          result.describe())
+    detail = result.describe() or "no traffic to compare yet"
+    if result.metrics and all(m.verdict == NOT_WORSE for m in result.metrics):
+        detail = (f"not worse; step has {result.step_requests} of {result.min_samples} "
+                  f"candidate requests: {detail}")
+    else:
+        detail = f"pending: {detail}"
+    p = min((m.p_worse for m in result.metrics), default=None)
+    return GateResult("sequential", p, None, NO_DATA, detail)
 
 
 def _ttft_gates(gates: Gates, candidate: WindowSummary, live: WindowSummary, need: int
@@ -280,6 +348,9 @@ class Meter:
         self._snaps: deque[tuple[float, dict[str, Totals]]] = deque(maxlen=MAX_SNAPSHOTS)
         self._raw: dict[str, Totals] = {}  # the last totals read, as read
         self._offset: dict[str, Totals] = {}  # what resets took away, per backend
+        self._first: dict[str, Totals] | None = None  # the first snapshot ever taken
+        self._latest: dict[str, Totals] = {}
+        self._batch_base: dict[str, Totals] | None = None
 
     def _take(self) -> dict[str, Totals]:
         out: dict[str, Totals] = {}
@@ -298,6 +369,9 @@ class Meter:
     def mark(self, now: float, force: bool = False) -> dict[str, Totals]:
         """Snapshot now; kept if forced or far enough from the last kept one."""
         snap = self._take()
+        self._latest = snap
+        if self._first is None:
+            self._first = snap
         snaps = self._snaps
         if force or not snaps or now - snaps[-1][0] >= self._spacing:
             snaps.append((now, snap))
@@ -305,6 +379,15 @@ class Meter:
         while len(snaps) > 1 and snaps[1][0] <= horizon:
             snaps.popleft()
         return snap
+
+    def batch(self, backends: Iterable[str]) -> dict[str, WindowSummary]:
+        """Each backend's traffic from the previous batch (the first one: from the meter's
+        first snapshot) to the latest snapshot: a check's new requests, each counted once."""
+        base = self._batch_base if self._batch_base is not None else self._first or {}
+        current = self._latest
+        self._batch_base = current
+        return {name: current.get(name, EMPTY).minus(base.get(name, EMPTY), 0.0)
+                for name in backends}
 
     def windows(self, now: float, not_before: float, backends: Iterable[str]
                 ) -> tuple[float, dict[str, WindowSummary]]:

@@ -12,6 +12,9 @@
 - One scheduler task ticks every progressing rollout at its own check interval: analyse
   (`analysis.judge` over `analysis.Meter` windows), decide (`controller.advance`, pure), write,
   carry out.
+- Sequential mode (`analysis: {mode: sequential}`): each check hands this process's new
+  traffic since its last check (`Meter.batch`) to the test, whose evidence rides in the rollout
+  document (`RolloutState.evidence`), so a new lease holder continues the same test.
 - Guarded blue-green: `guarded_switch` (offered as `Hooks.switch`) checks the target's
   readiness first and can bake the
   switch (watch the same gates, switch back on failure).
@@ -46,7 +49,7 @@ from gateway.errors import (
     VersionConflict,
 )
 from gateway.notify import DEFAULT_BACKOFF, DEFAULT_RETRIES, DEFAULT_TIMEOUT, Notifier
-from gateway.rollout.analysis import Analysis, Meter, judge
+from gateway.rollout.analysis import Analysis, Meter, judge, sequential_check
 from gateway.rollout.controller import (
     ABORTED,
     BAKE,
@@ -60,6 +63,7 @@ from gateway.rollout.controller import (
     advance,
 )
 from gateway.rollout.plan import PLAN_KEYS, RolloutPlan, parse_plan
+from gateway.rollout.sequential import Evidence
 from gateway.routing import Tap
 from gateway.state import RouteState
 
@@ -308,10 +312,18 @@ class Rollouts:
 
     def _analyze(self, state: RolloutState, plan: RolloutPlan, now: float) -> Analysis:
         meter = self._meter(state, plan)
-        seconds, windows = meter.windows(now, state.step_started,
-                                         (state.backend, state.baseline))
+        backends = (state.backend, state.baseline)
+        seconds, windows = meter.windows(now, state.step_started, backends)
+        sequential = None
+        if plan.analysis.sequential and state.kind == CANARY:
+            # This process's new traffic since its last check, added to the evidence the
+            # rollout document carries (so a new lease holder goes on with the same test).
+            batch = meter.batch(backends)
+            sequential = sequential_check(plan.analysis, Evidence.from_json(state.evidence),
+                                          batch[state.backend], batch[state.baseline])
         return judge(plan.gates, windows[state.backend], windows[state.baseline], seconds,
-                     shadow=self._shadow(state, plan, seconds), alarms=self._alarms(state, plan))
+                     shadow=self._shadow(state, plan, seconds), alarms=self._alarms(state, plan),
+                     sequential=sequential)
 
     def _shadow(self, state: RolloutState, plan: RolloutPlan, seconds: float
                 ) -> tuple[int, float | None] | None:

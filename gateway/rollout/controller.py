@@ -13,7 +13,12 @@ Rules:
 - a step advances when its bake time (`interval`) has elapsed and this check passed; after the
   last step the candidate is promoted;
 - a *bake* (watching a backend after a blue-green switch) ends when its time is up and the last
-  check did not fail; too little traffic to judge does not keep it open forever.
+  check did not fail; too little traffic to judge does not keep it open forever;
+- sequential mode (the analysis carries a `SequentialResult`): "worse" rolls back at once (the
+  test already bounds false alarms; no consecutive failures needed), a passing check (the
+  test said "not worse" and every gate passed) advances without waiting for the bake time,
+  and time alone never advances a step: evidence does. The test's evidence is carried in
+  the state (`evidence`), its per-step request count reset at each step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Literal
 
 from gateway.rollout.analysis import FAIL, NO_DATA, PASS, Analysis
 from gateway.rollout.plan import RolloutPlan
+from gateway.rollout.sequential import WORSE
 
 PROGRESSING = "progressing"
 PAUSED = "paused"
@@ -63,6 +69,8 @@ class RolloutState:
     finished: float | None = None
     paused_at: float | None = None
     started_by: str | None = None
+    # The sequential test's evidence so far (`sequential.Evidence` as JSON), sequential mode.
+    evidence: dict[str, Any] | None = None
 
     @property
     def active(self) -> bool:
@@ -112,9 +120,11 @@ def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPl
         failures = 0
     else:
         failures = state.failures
+    seq = analysis.sequential
     checked = state.evolve(
         failures=failures, checks=state.checks + 1, last_verdict=verdict,
         last_check=analysis.to_json(), last_check_time=now,
+        evidence=seq.evidence.to_json() if seq is not None else state.evidence,
     )
     changed = verdict != state.last_verdict
     threshold = plan.failure_threshold
@@ -123,6 +133,11 @@ def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPl
     if state.kind == BAKE:
         here = "bake"
 
+    if seq is not None and seq.verdict == WORSE:
+        reason = (f"rolled back at {here}: candidate significantly worse than live: "
+                  f"{analysis.summary()}")
+        return Decision("rollback", reason, checked.evolve(
+            phase=ROLLED_BACK, reason=reason, finished=now), changed)
     if verdict == FAIL and failures >= threshold:
         reason = (f"rolled back at {here}: {failures} consecutive failed checks "
                   f"(threshold {threshold}): {analysis.summary()}")
@@ -130,7 +145,9 @@ def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPl
             phase=ROLLED_BACK, reason=reason, finished=now), changed)
 
     elapsed = now - state.step_started
-    baked = elapsed >= plan.interval - 1e-9
+    # Sequential: a pass means the test said "not worse", so the step is done, baked or not.
+    baked = seq is not None or elapsed >= plan.interval - 1e-9
+    how = "sequential verdict not worse" if seq is not None else f"baked {elapsed:.2f}s"
     if state.kind == BAKE and baked and verdict != FAIL:
         how = "checks passed" if verdict == PASS else "too little traffic to judge"
         reason = f"bake of {plan.interval:g}s finished ({how}): {analysis.summary()}"
@@ -138,14 +155,15 @@ def advance(state: RolloutState, analysis: Analysis, now: float, plan: RolloutPl
             phase=PROMOTED, reason=reason, finished=now), changed)
     if verdict == PASS and baked:
         if state.step + 1 >= n_steps:
-            reason = (f"promoted after {here} baked {elapsed:.2f}s: {analysis.summary()}")
+            reason = f"promoted after {here} {how}: {analysis.summary()}"
             return Decision("promote", reason, checked.evolve(
                 phase=PROMOTED, reason=reason, finished=now), changed)
         nxt = state.step + 1
-        reason = (f"step {nxt + 1}/{n_steps} → {plan.steps[nxt]:g}% after {here} baked "
-                  f"{elapsed:.2f}s: {analysis.summary()}")
+        reason = (f"step {nxt + 1}/{n_steps} → {plan.steps[nxt]:g}% after {here} {how}: "
+                  f"{analysis.summary()}")
+        evidence = seq.evidence.new_step().to_json() if seq is not None else state.evidence
         return Decision("advance", reason, checked.evolve(
-            step=nxt, step_started=now, failures=0), changed)
+            step=nxt, step_started=now, failures=0, evidence=evidence), changed)
 
     if verdict == FAIL:
         reason = f"holding {here}: check failed ({failures}/{threshold}): {analysis.summary()}"

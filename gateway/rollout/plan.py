@@ -14,6 +14,7 @@ use `RolloutPlan`'s JSON Schema as it is. ``step``/``max_weight`` are read into 
       failure_threshold: 2      # consecutive failed checks that roll back
       gates: {max_error_rate: 0.01, max_p99_ms: 500, min_requests: 100}
                                 # streamed answers: max_ttft_p99_ms, max_ttft_p99_ratio
+      analysis: {mode: sequential, alpha: 0.05, margin: 0.01, min_samples: 100}
       health_path: /v2/health/ready   # readiness check before a switch or a start
       smoke: {method: POST, path: /v2/models/m/infer, body: {...}, status: 200}
 
@@ -24,7 +25,7 @@ backend stays warm as `previous`, the rollback target).
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationInfo, field_validator
 from pydantic import model_validator as model_check
@@ -109,6 +110,61 @@ class Gates:
 
 
 DEFAULT_GATES = Gates(max_error_rate=0.05)
+FIXED: Literal["fixed"] = "fixed"
+SEQUENTIAL: Literal["sequential"] = "sequential"
+SEQUENTIAL_KEYS = ("alpha", "margin", "min_samples", "latency_ms", "latency_margin")
+
+
+@dataclass(frozen=True, slots=True, config=MODEL)
+class AnalysisConfig:
+    """How checks compare the candidate with live (gateway.rollout.sequential).
+
+    ``fixed`` (the default): the gates alone, over each check's window; a step advances when
+    its bake time is over. ``sequential``: an always-valid test on the error rate (and, with
+    `latency_ms`, on the share of requests slower than that) over the whole rollout's traffic
+    rolls back as soon as the candidate is significantly worse than live, and advances a step
+    as soon as it is significantly not worse by `margin` (and the step has seen `min_samples`
+    candidate requests); false rollbacks of a candidate as good as live stay below `alpha`
+    however often it checks. The gates still apply as hard limits.
+    """
+
+    mode: Literal["fixed", "sequential"] = FIXED
+    alpha: Annotated[float, number(None, 0.5, above=0)] = 0.05
+    margin: Annotated[float, number(None, 0.5, above=0)] = 0.01
+    min_samples: Annotated[int, integer(1, 10_000_000)] = 100
+    latency_ms: Positive = None
+    latency_margin: Annotated[float, number(None, 0.5, above=0)] | None = None
+
+    @model_check(mode="before")
+    @classmethod
+    def _sequential_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode", FIXED) == FIXED:
+            for key in SEQUENTIAL_KEYS:
+                if data.get(key) is not None:
+                    raise problem("only used with mode: sequential", key)
+        return data
+
+    @property
+    def sequential(self) -> bool:
+        return self.mode == SEQUENTIAL
+
+    @property
+    def slow_margin(self) -> float:
+        return self.latency_margin if self.latency_margin is not None else self.margin
+
+    def to_json(self) -> dict[str, Any]:
+        if not self.sequential:
+            return {"mode": self.mode}
+        out: dict[str, Any] = {"mode": self.mode, "alpha": self.alpha, "margin": self.margin,
+                               "min_samples": self.min_samples}
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
+        if self.latency_margin is not None:
+            out["latency_margin"] = self.latency_margin
+        return out
+
+
+FIXED_ANALYSIS = AnalysisConfig()
 
 
 @dataclass(frozen=True, slots=True, config=MODEL)
@@ -146,6 +202,7 @@ class RolloutPlan:
     window: Annotated[float, duration(positive=True)] | None = None
     failure_threshold: Annotated[int, integer(1, 1000)] = DEFAULT_FAILURE_THRESHOLD
     gates: Gates = DEFAULT_GATES
+    analysis: AnalysisConfig = FIXED_ANALYSIS
     health_path: UrlPath = DEFAULT_HEALTH_PATH
     health_timeout: Annotated[float, duration(positive=True)] = DEFAULT_HEALTH_TIMEOUT
     smoke: SmokeRequest | None = None
@@ -229,6 +286,8 @@ class RolloutPlan:
         }
         if self.window is not None:
             out["window"] = self.window
+        if self.analysis.sequential:
+            out["analysis"] = self.analysis.to_json()
         if self.smoke is not None:
             out["smoke"] = self.smoke.to_json()
         return out
