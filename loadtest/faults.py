@@ -230,6 +230,7 @@ class Ctx:
         self.workdir = workdir
         self.session: aiohttp.ClientSession | None = None
         self.n = 0
+        self.pending: list[tuple[bench.Proc, int, float]] = []  # model servers starting
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -247,7 +248,8 @@ class Ctx:
                 "--port", str(port), "--latency-ms", str(latency_ms)]
         proc = self.procs.start(self._name(f"model-{version}"), argv, None,
                                 {**os.environ, "PYTHONPATH": str(ROOT)})
-        bench.wait_ready(proc, port, timeout=30 + latency_ms / 1000)
+        # Ready-checked by gateway(), which starts meanwhile: the imports take seconds.
+        self.pending.append((proc, port, 30 + latency_ms / 1000))
         return proc, port
 
     def gateway(self, routes: list[dict[str, Any]], *, nofile: int | None = None,
@@ -268,6 +270,9 @@ class Ctx:
         env = {**os.environ, "MODELGATE_ADMIN_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": str(ROOT)}
         proc = self.procs.start(name, argv, None, env)
+        for model, model_port, timeout in self.pending:
+            bench.wait_ready(model, model_port, timeout)
+        self.pending.clear()
         bench.wait_ready(proc, port)
         return Gateway(proc, port, admin_port)
 
@@ -679,6 +684,20 @@ async def _listener_closed(port: int, timeout: float) -> float | None:
 RACE = 0.1  # seconds: how well the instant the listener closed is known
 
 
+def classify_drain(failures: list[tuple[float, str]], stopped: float,
+                   closed: float) -> tuple[Counter[str], Counter[str]]:
+    """(failed, refused after stop) among (sent, kind) failures, given when SIGTERM was sent
+    and when the listener closed.
+
+    A connect error after SIGTERM was never accepted; nor was a request written into an idle
+    connection as (or after) it closed: a reset from `closed - RACE` on. Both are "refused
+    after stop". Anything else (a 5xx, a timeout, a reset before) is a failure of the drain.
+    """
+    refused = Counter(k for t, k in failures
+                      if t >= stopped and (k == "connect" or (k == "reset" and t >= closed - RACE)))
+    return Counter(k for _, k in failures) - refused, refused
+
+
 async def sigterm_drain(ctx: Ctx) -> Outcome:
     _, blue = ctx.model("v1", latency_ms=200)  # ~60 requests in flight at 300 req/s
     drain = min(5.0, max(1.0, (ctx.args.seconds - ctx.args.fault_at) / 2))
@@ -697,12 +716,7 @@ async def sigterm_drain(ctx: Ctx) -> Outcome:
     # The listener and every idle kept-alive connection close at one instant, which the probe
     # sees late by up to ~0.1 s; the first refused connect of the load sees it sooner.
     closed = min([closed, *(t for t, k in stats.failures if k == "connect" and t >= stopped)])
-    # A connect error after SIGTERM was never accepted; nor was a request written into an idle
-    # connection as (or after) it closed: a reset from `closed - RACE` on. Both are "refused
-    # after stop". Anything else, and any reset before, is a failure of the drain.
-    refused = Counter(k for t, k in stats.failures
-                      if t >= stopped and (k == "connect" or (k == "reset" and t >= closed - RACE)))
-    failed = stats.kinds() - refused
+    failed, refused = classify_drain(stats.failures, stopped, closed)
     completed = sum(1 for sent, done in stats.oks if sent < stopped <= done)
     served = sum(1 for sent, _ in stats.oks if stopped <= sent)
     text = (f"{completed} in flight at SIGTERM completed, {served} more served while draining; "
