@@ -645,9 +645,12 @@ async def fd_exhaustion(ctx: Ctx) -> Outcome:
     stop = asyncio.Event()
     health = asyncio.create_task(ctx.healthz_until(gw, stop))
     hold = min(3.0, max(1.0, ctx.args.seconds - ctx.args.fault_at - 2.5))
+    socks: list[socket.socket] = []
+    failed = 0
     try:
         socks, failed = await _open_sockets(gw.port, nofile + 150)
         await load.at(ctx.args.fault_at + hold)
+        shed = sum(_closed_by_peer(s) for s in socks)  # e.g. refused or evicted at a cap
     finally:
         for sock in socks:
             sock.close()
@@ -657,7 +660,8 @@ async def fd_exhaustion(ctx: Ctx) -> Outcome:
     alive = gw.proc.popen.poll() is None
     stats = await load.finish()
     back = [done - stats.t0 for sent, done in stats.oks if sent - stats.t0 >= released]
-    text = (f"RLIMIT_NOFILE {nofile}, {len(socks)} sockets held; /healthz {answered}/{tried}; "
+    text = (f"RLIMIT_NOFILE {nofile}; {len(socks)} sockets opened ({failed} failed), {shed} "
+            f"closed by the gateway; /healthz {answered}/{tried}; "
             + (f"serving {min(back) - released:.2f} s after release" if back
                else "not serving after release") + ("" if alive else "; gateway DIED"))
     return Outcome(stats, text, alive and bool(back) and answered == tried)
