@@ -180,8 +180,9 @@ class Load:
                          bench.percentile(lat, 99) * 1000.0)
 
     async def cancel(self) -> None:
-        self._task.cancel()
-        await asyncio.wait({self._task})
+        if not self._task.done():
+            self._task.cancel()
+            await asyncio.wait({self._task})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,6 +232,7 @@ class Ctx:
         self.session: aiohttp.ClientSession | None = None
         self.n = 0
         self.pending: list[tuple[bench.Proc, int, float]] = []  # model servers starting
+        self.loads: list[Load] = []  # cancelled and awaited when the scenario ends
 
     @property
     def http(self) -> aiohttp.ClientSession:
@@ -294,7 +296,9 @@ class Ctx:
         raise bench.BenchError(f"redis-server did not answer on port {port}")
 
     def load(self, gw: Gateway, timeout: float = 5.0) -> Load:
-        return Load(gw.url, self.args.rate, self.args.seconds, 0.5, timeout, 1024)
+        load = Load(gw.url, self.args.rate, self.args.seconds, 0.5, timeout, 1024)
+        self.loads.append(load)
+        return load
 
     # Admin and model-server calls (JSON in, (status, JSON or text) out; never raises on 4xx).
     async def call(self, method: str, url: str, body: Any = None,
@@ -819,6 +823,8 @@ async def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict[st
     except Exception as exc:  # one broken scenario is a FAIL row; the others still run
         return row(name, None, f"{type(exc).__name__}: {exc}"[:300])
     finally:
+        for load in ctx.loads:  # a scenario that failed half-way leaves its load running
+            await load.cancel()
         ctx.procs.stop_all()  # blocking, on purpose: also runs while being cancelled
 
 
