@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamError, UpstreamPoolTimeout
 from gateway.metrics import Recorder
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
@@ -468,6 +468,15 @@ class Proxy:
                     if too_large or not isinstance(exc, UpstreamError):
                         status = 413
                         await _too_large(sink, route, request_id)
+                        return
+                    if isinstance(exc, UpstreamPoolTimeout):
+                        # Our own queue, not the backend: no backend error, no 5xx for
+                        # gates and alarms (status stays 0), its own counter instead.
+                        self.recorder.pool_timeout(route.name, backend.name)
+                        log.warning("route %s: %s", route.name, exc)
+                        await _error(sink, 503, "upstream_busy",
+                                     f"backend {backend.name!r}: no connection free",
+                                     request_id, route=route.name, backend=backend.name)
                         return
                     status = exc.status
                     stats.upstream_error(exc.kind)

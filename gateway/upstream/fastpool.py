@@ -42,7 +42,13 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.config import Timeouts
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPoolTimeout,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
 from gateway.upstream.base import Body, Headers
 
 log = logging.getLogger("modelgate.upstream")
@@ -57,7 +63,10 @@ IDLE_TTL = 4.0
 # answer (the backend may have processed a POST and died before answering).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SWEEP_INTERVAL = 0.1  # timeout resolution: deadlines are checked this often
-READ_HIGH = 1 << 20  # stop reading the socket when this much body waits for the consumer
+# Stop reading the socket when this much body waits for the consumer; with one socket read
+# on top, the most a slow client of a streamed answer holds here (issue #11: 200 clients that
+# never read must cost < 100 MB).
+READ_HIGH = 128 * 1024
 COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as the head
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -156,10 +165,13 @@ class FastResponse:
                     data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
                     chunks.clear()
                     self._buffered = 0
+                    yield data
+                    # Only once the consumer asks for more (it wrote `data` into the client's
+                    # socket buffer) is the backend read again: a client that reads nothing
+                    # holds about one chunk here, not one more per chunk it did not take.
                     conn = self._conn
                     if conn is not None and conn.reading_paused:
                         conn.resume_reading()
-                    yield data
                 elif self._exc is not None:
                     raise self._exc
                 elif self._eof:
@@ -578,6 +590,8 @@ class FastUpstream:
         self._open: set[_Conn] = set()  # connection_made .. connection_lost
         self._slots = 0  # connections active or connecting
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self.pool_waits = 0  # requests that waited for a free connection
+        self.pool_timeouts = 0  # ... and got none within the connect timeout
         self._sweeper: asyncio.Task[None] | None = None
         self._all_lost: asyncio.Future[None] | None = None
 
@@ -742,13 +756,16 @@ class FastUpstream:
             if len(self._slot_waiters) >= MAX_SLOT_WAITERS:
                 raise UpstreamConnectError(f"{self.origin}: {MAX_ACTIVE} requests in flight "
                                            f"and {MAX_SLOT_WAITERS} waiting: overloaded")
-            # Waiting for a connection counts against the connect timeout, like connecting.
+            # Waiting for a connection is bounded by the connect timeout, but it is our own
+            # queue, not the backend failing: its own outcome (503 upstream_busy).
+            self.pool_waits += 1
             try:
                 async with asyncio.timeout(timeouts.connect):
                     await self._wait_slot()
             except TimeoutError as exc:
-                raise UpstreamTimeout(f"{self.origin}: no connection free within "
-                                      f"{timeouts.connect}s") from exc
+                self.pool_timeouts += 1
+                raise UpstreamPoolTimeout(f"{self.origin}: no connection free within "
+                                          f"{timeouts.connect}s") from exc
         if not fresh:
             idle = self._idle
             while idle:
