@@ -178,8 +178,9 @@ class _Handler(RequestHandler):
     refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert self._manager is not None
-        if not self.limit.admit(len(self._manager.connections)):
+        manager = self._manager
+        assert isinstance(manager, _Server)
+        if not self.limit.admit(len(manager.connections), manager.evict_idle):
             self.refused = True  # not handed to aiohttp: nothing of it is started
             assert isinstance(transport, asyncio.WriteTransport)
             transport.write(REFUSED)
@@ -215,6 +216,12 @@ class _Handler(RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
+        if isinstance(exc, ConnectionError):
+            # The client left or was cut by a client timeout: the proxy counted it (499);
+            # aiohttp would log it at ERROR with a traceback. Its own loop ignores this one.
+            log.debug("client %s gone: %s", request.remote, exc)
+            self.force_close()
+            raise ConnectionError("the client is gone") from exc
         if not isinstance(exc, HttpProcessingError) or status >= 500:
             return super().handle_error(request, status, exc, message)
         if status == 400 and "Too many headers" in str(exc):
@@ -237,6 +244,17 @@ class _Server(Server):
         super().__init__(*args, **kwargs)
         self.limit = limit
         self.header_timeout = header_timeout
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the oldest connection with no request in flight."""
+        for handler, transport in self._connections.items():  # oldest first
+            if (isinstance(handler, _Handler) and not handler.busy
+                    and not handler._messages and not transport.is_closing()):
+                handler.force_close()
+                transport.close()
+                self._connections.pop(handler, None)  # its connection_lost comes later
+                return True
+        return False
 
     def __call__(self) -> RequestHandler:
         handler = _Handler(self, loop=self._loop, **self._kwargs)

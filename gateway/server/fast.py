@@ -198,7 +198,7 @@ class _Connection(asyncio.Protocol):
         elif peer:
             self.peer = str(peer)
         connections = self.server.connections
-        if not self.server.limit.admit(len(connections)):
+        if not self.server.limit.admit(len(connections), self.server.evict_idle):
             self.closed = True  # over the cap: refused before reading anything
             self.transport.write(REFUSED)
             self.transport.close()
@@ -664,6 +664,21 @@ class FastServer:
 
     def _protocol(self) -> _Connection:
         return _Connection(self)
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the idle connection (no request in flight) closest
+        to its own timeout, to make room for a new one. O(connections), only at the cap."""
+        oldest: _Connection | None = None
+        for conn in self.connections:
+            if (conn.task is None and conn.fast is None and not conn.queue
+                    and conn._body is None and conn._pending is None and not conn.closed
+                    and (oldest is None or conn.deadline < oldest.deadline)):
+                oldest = conn
+        if oldest is None:
+            return False
+        oldest._close()
+        self.connections.discard(oldest)  # its connection_lost comes later
+        return True
 
     async def start(self, listen: Sequence[tuple[str, int]], sockets: Sequence[socket.socket],
                     reuse_port: bool) -> None:

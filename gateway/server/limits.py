@@ -3,13 +3,18 @@
 Why: every open socket is a file descriptor, and the admin port, probes, backend connections
 and the log all draw from the same per-process table. When the proxy port takes the last
 one, `accept()` fails for everyone, `/healthz` included. So the proxy port stops at a cap
-below the fd limit: a connection beyond it is answered 503 at once and closed (its fd is
-free again a moment later), and what is left of the table stays for the rest.
+below the fd limit, and what is left of the table stays for the rest. At the cap a new
+connection first takes the place of an idle one (no request in flight: a keep-alive
+connection between requests, or one that has not sent a whole head yet), like nginx reusing
+its idle connections: idle sockets, however many, cannot lock real clients out. Only when
+every connection is busy is the new one answered 503 at once and closed (its fd is free again
+a moment later).
 
 The cap is `server.max_connections`, or when that is 0 (the default) derived from
 RLIMIT_NOFILE: `(soft limit - FD_RESERVE) // 2`, since each proxied connection may hold one
-backend connection too. Refusals are counted (`modelgate_connections_refused_total`) and
-logged at WARNING at most once per `LOG_EVERY` seconds with the number since the last line.
+backend connection too. Evictions and refusals are counted
+(`modelgate_connections_evicted_total`, `modelgate_connections_refused_total`) and logged at
+WARNING at most once per `LOG_EVERY` seconds, with the numbers since the last line.
 """
 
 from __future__ import annotations
@@ -54,32 +59,40 @@ def auto_cap(nofile: int) -> int:
 class ConnectionLimit:
     """The cap, the refusal count and its rate-limited log line, for one proxy server."""
 
-    __slots__ = ("cap", "refused", "timeouts", "_clock", "_logged_at", "_unlogged", "_open")
+    __slots__ = ("cap", "refused", "evicted", "timeouts", "_clock", "_logged_at", "_logged",
+                 "_open")
 
     def __init__(self, configured: int, open_count: Callable[[], int],
                  clock: Callable[[], float] = time.monotonic, nofile: int | None = None) -> None:
         self.cap = configured or auto_cap(nofile_limit() if nofile is None else nofile)
         self.refused = 0
+        self.evicted = 0
         # Connections cut by a client-side timeout, by kind (header, body, write).
         self.timeouts: dict[str, int] = {}
         self._clock = clock
         self._logged_at = -LOG_EVERY
-        self._unlogged = 0
+        self._logged = (0, 0)  # evicted, refused at the last log line
         self._open = open_count
 
-    def admit(self, open_now: int) -> bool:
-        """Whether one more connection may stay, `open_now` being held already."""
+    def admit(self, open_now: int, evict_idle: Callable[[], bool]) -> bool:
+        """Whether one more connection may stay, `open_now` being held already; at the cap
+        `evict_idle()` closes an idle connection to make room, if it finds one."""
         if open_now < self.cap:
             return True
-        self.refused += 1
-        self._unlogged += 1
+        admitted = evict_idle()
+        if admitted:
+            self.evicted += 1
+        else:
+            self.refused += 1
         now = self._clock()
         if now - self._logged_at >= LOG_EVERY:
-            log.warning("proxy port at its connection cap (%d): refused %d connection(s)",
-                        self.cap, self._unlogged)
+            evicted, refused = self._logged
+            log.warning("proxy port at its connection cap (%d): %d idle connection(s) closed "
+                        "to make room, %d refused since the last report", self.cap,
+                        self.evicted - evicted, self.refused - refused)
             self._logged_at = now
-            self._unlogged = 0
-        return False
+            self._logged = (self.evicted, self.refused)
+        return admitted
 
     def timed_out(self, kind: str) -> None:
         self.timeouts[kind] = self.timeouts.get(kind, 0) + 1
@@ -96,13 +109,17 @@ class ConnectionLimit:
             "modelgate_connections_refused",
             "Client connections refused (503, closed) at the connection cap.")
         refused.add_metric([], self.refused)
+        evicted = CounterMetricFamily(
+            "modelgate_connections_evicted",
+            "Idle client connections closed at the connection cap to make room for a new one.")
+        evicted.add_metric([], self.evicted)
         timeouts = CounterMetricFamily(
             "modelgate_client_timeouts",
             "Client connections cut by a timeout: header, body (silent upload) or write "
             "(answer left unread).", labels=["kind"])
         for kind, n in sorted(self.timeouts.items()):
             timeouts.add_metric([kind], n)
-        return (open_, cap, refused, timeouts)
+        return (open_, cap, refused, evicted, timeouts)
 
 
 __all__ = ["FD_RESERVE", "REFUSED", "ConnectionLimit", "auto_cap", "nofile_limit"]
