@@ -221,7 +221,11 @@ class _Handler(RequestHandler):
             # aiohttp would log it at ERROR with a traceback. Its own loop ignores this one.
             log.debug("client %s gone: %s", request.remote, exc)
             self.force_close()
-            raise ConnectionError("the client is gone") from exc
+            # Its traceback's frames hold the answer's last chunks, and this frame (which
+            # aiohttp's caller keeps in the traceback of what we raise) holds `exc`: a cycle
+            # only the garbage collector would free, ~0.25 MB for each client that left.
+            exc.__traceback__ = None
+            raise ConnectionError("the client is gone") from None
         if not isinstance(exc, HttpProcessingError) or status >= 500:
             return super().handle_error(request, status, exc, message)
         if status == 400 and "Too many headers" in str(exc):
