@@ -24,7 +24,7 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.server.limits import FD_RESERVE, ConnectionLimit, auto_cap
-from gateway.upstream import fastpool
+from gateway.upstream import aiohttp_client, fastpool
 from tests import helpers
 from tests.cluster import GatewayProcess, admin_client
 from tests.helpers import (
@@ -348,9 +348,11 @@ async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse_the_ne
 # -- waiting for a free upstream connection (finding 4, part) -------------------------------------
 
 
+@pytest.mark.parametrize("kind", ["fast", "aiohttp"])
 async def test_no_free_backend_connection_is_503_upstream_busy_not_a_backend_timeout(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
     monkeypatch.setattr(fastpool, "MAX_ACTIVE", 1)
+    monkeypatch.setattr(aiohttp_client, "POOL_LIMIT", 1)
     release = asyncio.Event()
 
     async def held(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -361,7 +363,8 @@ async def test_no_free_backend_connection_is_503_upstream_busy_not_a_backend_tim
             await writer.drain()
 
     async with raw_server(held) as url, running_gateway(config(
-            route("r", "/", url, timeouts={"connect": "300ms", "read": "20s"}))) as gw:
+            route("r", "/", url, timeouts={"connect": "300ms", "read": "20s"})),
+            upstream_kind=kind) as gw:
         first = asyncio.create_task(gw.client.get("/first"))
         try:
             await wait_for(lambda: gw.gateway.proxy.in_flight == 1, message="the first request")

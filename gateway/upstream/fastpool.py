@@ -21,12 +21,14 @@ How it is put together:
   itself when the pool is empty, and `close()` cancels and awaits it.
 - Reading is flow-controlled: when more than `READ_HIGH` bytes wait for a slow consumer the
   socket stops being read (and the read deadline is suspended: the wait is ours) until the
-  consumer takes them. `iter_chunks()` hands over everything buffered at once, so memory per
-  response stays near `READ_HIGH` plus one socket read.
+  consumer takes them. `iter_chunks()` hands over everything buffered at once and resumes
+  reading only when asked for the next chunk (after the consumer wrote the last one out), so
+  memory per response stays near `READ_HIGH` plus one socket read, however slow the client.
 
 Errors are translated here, once: refused / unreachable / DNS → `UpstreamConnectError`; reset,
 closed early or an unparsable response → `UpstreamResetError`; connect or read timeout →
-`UpstreamTimeout`. Body errors surface from `read()` / `iter_chunks()`.
+`UpstreamTimeout`; no free connection within the connect timeout (or the wait queue full) →
+`UpstreamPoolTimeout`. Body errors surface from `read()` / `iter_chunks()`.
 """
 
 from __future__ import annotations
@@ -590,8 +592,6 @@ class FastUpstream:
         self._open: set[_Conn] = set()  # connection_made .. connection_lost
         self._slots = 0  # connections active or connecting
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
-        self.pool_waits = 0  # requests that waited for a free connection
-        self.pool_timeouts = 0  # ... and got none within the connect timeout
         self._sweeper: asyncio.Task[None] | None = None
         self._all_lost: asyncio.Future[None] | None = None
 
@@ -754,16 +754,14 @@ class FastUpstream:
             self._slots += 1
         else:
             if len(self._slot_waiters) >= MAX_SLOT_WAITERS:
-                raise UpstreamConnectError(f"{self.origin}: {MAX_ACTIVE} requests in flight "
-                                           f"and {MAX_SLOT_WAITERS} waiting: overloaded")
+                raise UpstreamPoolTimeout(f"{self.origin}: {MAX_ACTIVE} requests in flight "
+                                          f"and {MAX_SLOT_WAITERS} waiting: overloaded")
             # Waiting for a connection is bounded by the connect timeout, but it is our own
             # queue, not the backend failing: its own outcome (503 upstream_busy).
-            self.pool_waits += 1
             try:
                 async with asyncio.timeout(timeouts.connect):
                     await self._wait_slot()
             except TimeoutError as exc:
-                self.pool_timeouts += 1
                 raise UpstreamPoolTimeout(f"{self.origin}: no connection free within "
                                           f"{timeouts.connect}s") from exc
         if not fresh:
