@@ -23,7 +23,12 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.errors import ConfigError
-from gateway.server.limits import FD_RESERVE, ConnectionLimit, auto_cap
+from gateway.server.limits import (
+    FD_RESERVE,
+    ConnectionLimit,
+    auto_cap,
+    return_io_buffers_to_the_os,
+)
 from gateway.upstream import aiohttp_client, fastpool
 from tests import helpers
 from tests.cluster import GatewayProcess, admin_client
@@ -111,6 +116,10 @@ def test_admit_evicts_idle_then_refuses_and_logs_rate_limited(
     text = "".join(f"{s.name} {s.labels} {s.value}\n" for m in limit.metrics()
                    for s in m.samples)
     assert "modelgate_connections_refused_total {} 6" in text
+
+
+def test_io_buffers_are_mmapped_so_they_go_back_to_the_os() -> None:
+    assert return_io_buffers_to_the_os()  # glibc (Linux): the threshold is fixed
 
 
 def test_config_limits_defaults_and_errors() -> None:
@@ -424,20 +433,22 @@ async def gateway_process(cfg: dict[str, Any], workdir: Path, server: str,
 
 
 async def test_200_clients_that_never_read_cost_under_100_mb(tmp_path: Path, server: str) -> None:
-    backend = BlockBackend(32 * 1024 * 1024)
+    # Larger than what the kernel buffers of both hops hold (so every stream stalls with the
+    # gateway in between), small enough to keep the test quick.
+    backend = BlockBackend(16 * 1024 * 1024)
     with nofile_at_least(2048):
         async with raw_server(backend.handle) as url, gateway_process(
                 config(route("big", "/", url)), tmp_path, server) as gw:
             port = int(gw.url.rsplit(":", 1)[1])
             async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
-                for _ in range(3):  # warm: pool, buffers, code paths
-                    assert len((await client.get("/big")).content) == backend.size
+                # Warm: pool, buffers, code paths.
+                assert len((await client.get("/big")).content) == backend.size
             baseline = rss_kb(gw.pid)
             socks: list[socket.socket] = []
             try:
                 for _ in range(200):
                     socks.append(non_reading_client(port, "/big"))
-                await wait_for(lambda: backend.requests >= 203, timeout=30,
+                await wait_for(lambda: backend.requests >= 201, timeout=30,
                                message="200 backend requests")
                 seen: dict[int, int] = {}
                 await wait_for(lambda: len(backend.sent) >= 200 and backend.stalled(seen),
@@ -454,14 +465,14 @@ async def test_200_clients_that_never_read_cost_under_100_mb(tmp_path: Path, ser
                                message="the client connections to close")
             # Given back once they are gone (a bounded wait: the allocator may lag a little).
             with suppress(AssertionError):
-                await wait_for(lambda: rss_kb(gw.pid) - baseline < 50 * 1024, timeout=5,
+                await wait_for(lambda: rss_kb(gw.pid) - baseline < 25 * 1024, timeout=5,
                                interval=0.2, message="RSS back near its baseline")
             after = rss_kb(gw.pid)
         growth_mb = (peak - baseline) / 1024
         print(f"{server}: baseline {baseline / 1024:.0f} MB, held {held / 1024:.0f} MB, "
               f"peak +{growth_mb:.0f} MB, after {after / 1024:.0f} MB")
         assert growth_mb < 100, f"200 non-reading clients grew RSS by {growth_mb:.0f} MB"
-        assert (after - baseline) / 1024 < 50, "memory not given back after they left"
+        assert (after - baseline) / 1024 < 25, "memory not given back after they left"
 
 
 async def _open_connections(admin: httpx.AsyncClient) -> bool:

@@ -19,6 +19,8 @@ WARNING at most once per `LOG_EVERY` seconds, with the numbers since the last li
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import resource
 import time
@@ -40,6 +42,29 @@ _REFUSED_BODY = orjson.dumps({"error": "too_many_connections",
 REFUSED = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
            % (len(_REFUSED_BODY), _REFUSED_BODY))
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+IO_MMAP_THRESHOLD = 128 * 1024
+
+
+def return_io_buffers_to_the_os() -> bool:
+    """Fix glibc's mmap threshold at 128 KiB (True if set; False off glibc).
+
+    Socket reads and streamed chunks are bytes objects of 64-400 KiB. glibc raises its mmap
+    threshold to the largest block freed (up to 32 MiB), after which such buffers come from
+    the heap, and a burst of slow clients leaves tens of MB of free but fragmented heap that
+    is never given back (measured: 200 non-reading clients, RSS stayed +30-50 MB after they
+    left). Fixed at 128 KiB, every such buffer is its own mapping, unmapped when freed."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, IO_MMAP_THRESHOLD))
 
 
 def nofile_limit() -> int:
@@ -122,4 +147,5 @@ class ConnectionLimit:
         return (open_, cap, refused, evicted, timeouts)
 
 
-__all__ = ["FD_RESERVE", "REFUSED", "ConnectionLimit", "auto_cap", "nofile_limit"]
+__all__ = ["FD_RESERVE", "REFUSED", "ConnectionLimit", "auto_cap", "nofile_limit",
+           "return_io_buffers_to_the_os"]
