@@ -176,6 +176,7 @@ class _Handler(RequestHandler):
     deadline = 0.0
     busy = False
     refused = False
+    head_bytes = False  # bytes of the next request head came in
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
@@ -194,16 +195,19 @@ class _Handler(RequestHandler):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self.busy and not self.deadline and not self.refused:
-            self.deadline = self._loop.time() + self.header_timeout  # a new head begins
+        if not self.busy and not self.head_bytes and not self.refused:
+            self.head_bytes = True  # a new head begins: it has header_timeout from here
+            self.deadline = self._loop.time() + self.header_timeout
         super().data_received(data)
 
     def head_timed_out(self) -> None:
+        """Past the deadline: a head begun and not finished is answered 408 (as the fast
+        server does); a connection that never sent anything is just closed."""
         self.deadline = 0.0
-        self.limit.timed_out("header")
-        log.info("rejected a request: 408 request_timeout")
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if self.head_bytes and transport is not None and not transport.is_closing():
+            self.limit.timed_out("header")
+            log.info("rejected a request: 408 request_timeout")
             body = orjson.dumps({"error": "request_timeout",
                                  "message": "the request head took too long"})
             transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json"
@@ -286,6 +290,7 @@ class AiohttpServer:
         assert isinstance(handler, _Handler)
         handler.busy = True
         handler.deadline = 0.0
+        handler.head_bytes = False
         try:
             return await self._handle(request)
         finally:
