@@ -427,6 +427,7 @@ class Proxy:
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
         aborted = False  # the client left before the backend's answer began
+        counted = True  # in the backend's numbers (gates, alarms)
         try:
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
@@ -471,7 +472,9 @@ class Proxy:
                         return
                     if isinstance(exc, UpstreamPoolTimeout):
                         # Our own queue, not the backend: no backend error, no 5xx for
-                        # gates and alarms (status stays 0), its own counter instead.
+                        # gates and alarms (not `counted`), its own counter instead.
+                        status = 503
+                        counted = False
                         self.recorder.pool_timeout(route.name, backend.name)
                         log.warning("route %s: %s", route.name, exc)
                         await _error(sink, 503, "upstream_busy",
@@ -506,7 +509,7 @@ class Proxy:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
             rec_in_flight[route.name] -= 1
-            self.finished(plan, request, status, exchange, aborted)
+            self.finished(plan, request, status, exchange, aborted, counted)
 
     @staticmethod
     def exchange(plan: Plan, request: ProxyRequest, status: int, response_headers: Headers,
@@ -527,15 +530,18 @@ class Proxy:
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
-                 exchange: Exchange | None, aborted: bool = False) -> None:
+                 exchange: Exchange | None, aborted: bool = False,
+                 counted: bool = True) -> None:
         """The client has its answer (or is gone): metrics, taps, the sampled access log.
-        `aborted`: the client left before the answer began (logged as 499)."""
+        `aborted`: the client left before the answer began (logged as 499). `counted`: False
+        for the gateway's own answer that is none of the backend's doing (503 upstream_busy):
+        logged, not in the backend's numbers."""
         latency = time.perf_counter() - plan.started
         route = plan.route
         if aborted:
             aborts = self.recorder.client_aborts
             aborts[route.name] = aborts.get(route.name, 0) + 1
-        if status:
+        if status and counted:
             plan.backend.stats.observe(status, latency)
         if exchange is not None:
             exchange.latency = latency
