@@ -12,6 +12,7 @@ path. The admin API has its schema-driven fuzzer in tests/test_admin_fuzz.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import hashlib
 import logging
@@ -136,7 +137,8 @@ headers = st.lists(st.tuples(names, values), max_size=30)
 segments = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_~%20",
                    max_size=12)
 targets = st.builds(
-    lambda segs, query: "/" + "/".join(s.replace("%", "%25").replace("%2520", "%20")
+    # Under /fuzz/: the echo backend's /blob/ and /status/ paths answer otherwise.
+    lambda segs, query: "/fuzz/" + "/".join(s.replace("%", "%25").replace("%2520", "%20")
                                         for s in segs) + (f"?{query}" if query else ""),
     st.lists(segments.filter(lambda s: s not in (".", "..")), max_size=4),
     st.text("abcdefghijklmnopqrstuvwxyz0123456789=&-_.~", max_size=30))
@@ -250,3 +252,41 @@ def test_random_messages_reach_the_backend_unchanged(
     assert got == sent_headers
     assert report["length"] == len(body)
     assert report["sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def answer_to_junk(port: int, data: bytes) -> int | None:
+    """The status the gateway answers `data` with (the client then half-closes), or None
+    if it closes without an answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        with contextlib.suppress(ConnectionError):
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        with contextlib.suppress(ConnectionError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw:
+        return None
+    assert raw.startswith(b"HTTP/1."), raw[:100]
+    return int(raw.split(b" ", 2)[1])
+
+
+junk_heads = st.builds(
+    lambda line, fields, body: line + b"".join(fields) + b"\r\n" + body,
+    st.sampled_from([b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\n", b"GET /a HTTP/1.0\r\n"])
+    | st.binary(max_size=60).map(lambda b: b + b"\r\n"),
+    st.lists(st.binary(max_size=40).map(lambda b: b + b"\r\n")
+             | st.sampled_from([b"Content-Length: 5\r\n", b"Content-Length: -1\r\n",
+                                b"Transfer-Encoding: chunked\r\n", b"Host: a\r\n",
+                                b"Content-Length: 1\r\nContent-Length: 2\r\n",
+                                b"Expect: 100-continue\r\n", b" folded\r\n"]), max_size=6),
+    st.binary(max_size=40))
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=junk_heads | st.binary(max_size=200))
+def test_malformed_requests_never_get_a_5xx(gateway_port: int, data: bytes) -> None:
+    status = answer_to_junk(gateway_port, data)
+    assert status is None or status < 500, status
