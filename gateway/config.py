@@ -313,9 +313,9 @@ class ServerConfig:
     # Longest a client may leave our answer unread (the socket buffer full): then it is cut
     # and its backend connection released.
     write_timeout: Annotated[float, duration(positive=True)] = 60.0
-    # Client connections open at once on the proxy port, per process; beyond it a new one
-    # is answered 503 and closed at once. 0: derived from RLIMIT_NOFILE, keeping a reserve
-    # of file descriptors for backends, admin and probes (gateway/server/limits.py).
+    # Client connections open at once on the proxy port, per process; at the cap a new one
+    # replaces an idle one, or is answered 503 and closed if none is idle. 0: derived from
+    # RLIMIT_NOFILE, keeping descriptors for backends, admin and probes (server/limits.py).
     max_connections: Annotated[int, integer(0, 10_000_000)] = 0
     max_request_line: Annotated[int, integer(64, 1 << 20)] = 8192  # 414 beyond
     max_headers: Annotated[int, integer(1, 10_000)] = 100  # header lines; 431 beyond
