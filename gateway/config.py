@@ -332,8 +332,15 @@ class ServerConfig:
     header_timeout: Annotated[float, duration(positive=True)] = 10.0
     # An idle keep-alive connection is closed after this.
     keepalive_timeout: Annotated[float, duration(positive=True)] = 75.0
-    # Longest silence of a client sending a body or reading ours.
+    # Longest silence of a client sending a body.
     body_timeout: Annotated[float, duration(positive=True)] = 60.0
+    # Longest a client may leave our answer unread (the socket buffer full): then it is cut
+    # and its backend connection released.
+    write_timeout: Annotated[float, duration(positive=True)] = 60.0
+    # Client connections open at once on the proxy port, per process; at the cap a new one
+    # replaces an idle one, or is answered 503 and closed if none is idle. 0: derived from
+    # RLIMIT_NOFILE, keeping descriptors for backends, admin and probes (server/limits.py).
+    max_connections: Annotated[int, integer(0, 10_000_000)] = 0
     max_request_line: Annotated[int, integer(64, 1 << 20)] = 8192  # 414 beyond
     max_headers: Annotated[int, integer(1, 10_000)] = 100  # header lines; 431 beyond
     max_header_bytes: Annotated[int, size(1024)] = 64 * 1024  # names + values; 431 beyond

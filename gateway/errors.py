@@ -14,7 +14,9 @@
     └── UpstreamError          a backend call failed before the response started
         ├── UpstreamConnectError   refused / unreachable   → 502
         ├── UpstreamResetError     reset / closed early    → 502
-        └── UpstreamTimeout        connect or read timeout → 504
+        ├── UpstreamTimeout        connect or read timeout → 504
+        └── UpstreamPoolTimeout    no free connection to the backend in time → 503
+                                   (the gateway's own queue: not the backend's error)
 
 Foreign exceptions (aiohttp, OSError, asyncio.TimeoutError) are translated into these in one
 place per component (`raise ... from exc`); the proxy and the admin API map them to responses.
@@ -108,3 +110,11 @@ class UpstreamResetError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     kind = "timeout"
+
+
+class UpstreamPoolTimeout(UpstreamError):
+    """Every connection of the pool stayed busy for the connect timeout. The backend was
+    never called: gates, alarms and the backend's error counters do not see it."""
+
+    status = 503
+    kind = "pool_timeout"

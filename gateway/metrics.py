@@ -275,9 +275,16 @@ class Recorder:
         self.in_flight: dict[str, int] = {}
         # By route: clients that left before their answer began (not the backend's errors).
         self.client_aborts: dict[str, int] = {}
+        # By (route, backend): requests answered 503 upstream_busy because no connection to
+        # the backend came free within the connect timeout (not the backend's errors).
+        self.pool_timeouts: dict[tuple[str, str], int] = {}
         self.gauges: dict[str, Callable[[], Iterable[Metric]]] = {}
         self.registry.register(_Collector(self))
         ProcessCollector(namespace="modelgate", registry=self.registry)
+
+    def pool_timeout(self, route: str, backend: str) -> None:
+        key = (route, backend)
+        self.pool_timeouts[key] = self.pool_timeouts.get(key, 0) + 1
 
     def stats(self, route: str, backend: str) -> BackendStats:
         key = (route, backend)
@@ -391,12 +398,21 @@ class _Collector:
         )
         for route, n in rec.client_aborts.items():
             aborts.add_metric([route], n)
+        pool_timeouts = CounterMetricFamily(
+            "modelgate_upstream_pool_timeouts",
+            "Requests answered 503 upstream_busy: no connection to the backend came free "
+            "within the connect timeout (the gateway's queue, not a backend error).",
+            labels=["route", "backend"],
+        )
+        for (route, backend), n in rec.pool_timeouts.items():
+            pool_timeouts.add_metric([route, backend], n)
         yield requests
         yield duration
         yield upstream
         yield errors
         yield in_flight
         yield aborts
+        yield pool_timeouts
         for _, family in probes:
             yield family
         yield labels_family

@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl, unquote
 
 import orjson
 
-from gateway.errors import UpstreamError
+from gateway.errors import UpstreamError, UpstreamPoolTimeout
 from gateway.metrics import BackendStats, Recorder
 from gateway.resilience.limits import Gate, admit, force, leave
 from gateway.resilience.retry import may_resend, retry
@@ -501,6 +501,7 @@ class Proxy:
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
         aborted = False  # the client left before the backend's answer began
+        counted = True  # in the backend's numbers (gates, alarms)
         try:
             body: bytes | AsyncIterator[bytes] | None
             too_large: list[bool] = []
@@ -546,6 +547,17 @@ class Proxy:
                         status = 413
                         await _too_large(sink, route, request_id)
                         return
+                    if isinstance(exc, UpstreamPoolTimeout):
+                        # Our own queue, not the backend: no backend error, no 5xx for
+                        # gates and alarms (not `counted`), its own counter instead.
+                        status = 503
+                        counted = False
+                        self.recorder.pool_timeout(route.name, backend.name)
+                        log.warning("route %s: %s", route.name, exc)
+                        await _error(sink, 503, "upstream_busy",
+                                     f"backend {backend.name!r}: no connection free",
+                                     request_id, route=route.name, backend=backend.name)
+                        return
                     status = exc.status
                     backend = plan.backend  # live, when the canary's failure fell back
                     stats = backend.stats
@@ -581,7 +593,7 @@ class Proxy:
             rec_in_flight[route.name] -= 1
             if route.gate is not None or plan.backend.gate is not None:
                 leave(route.gate, plan.backend.gate)
-            self.finished(plan, request, status, exchange, aborted)
+            self.finished(plan, request, status, exchange, aborted, counted)
 
     async def _send(self, plan: Plan, request: ProxyRequest,
                     body: bytes | AsyncIterator[bytes] | None, length: int | None
@@ -630,15 +642,18 @@ class Proxy:
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
-                 exchange: Exchange | None, aborted: bool = False) -> None:
+                 exchange: Exchange | None, aborted: bool = False,
+                 counted: bool = True) -> None:
         """The client has its answer (or is gone): metrics, taps, the sampled access log.
-        `aborted`: the client left before the answer began (logged as 499)."""
+        `aborted`: the client left before the answer began (logged as 499). `counted`: False
+        for the gateway's own answer that is none of the backend's doing (503 upstream_busy):
+        logged, not in the backend's numbers."""
         latency = time.perf_counter() - plan.started
         route = plan.route
         if aborted:
             aborts = self.recorder.client_aborts
             aborts[route.name] = aborts.get(route.name, 0) + 1
-        if status:
+        if status and counted:
             backend = plan.backend
             backend.stats.observe(status, latency)
             if backend.budget is not None:

@@ -182,6 +182,9 @@ async def serve(config: GatewayConfig, upstream: str = "fast", role: WorkerRole 
             print(f"modelgate: {message}", file=sys.stderr, flush=True)
         return code
 
+    from gateway.server.limits import return_io_buffers_to_the_os
+
+    return_io_buffers_to_the_os()  # a burst of slow clients' buffers goes back to the OS
     with StopSignals() as signals:
         watchdog = None
         if supervisor_pid is not None:

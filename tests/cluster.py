@@ -8,7 +8,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ READY = re.compile(rb"modelgate ready: proxy (\S+)\s+admin (\S+)")
 class GatewayProcess:
     """One `modelgate serve` process; `url` and `admin_url` once it printed its ready line."""
 
-    def __init__(self, config: dict[str, Any], workdir: Path, name: str) -> None:
+    def __init__(self, config: dict[str, Any], workdir: Path, name: str,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
         self.config = config
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. a lower RLIMIT)
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.name = name
@@ -53,7 +55,8 @@ class GatewayProcess:
         argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config_file),
                 "--log-level", "warning", *extra]
         with open(self.dir / "stdout", "wb") as out, open(self.dir / "stderr", "wb") as err:
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err)
+            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=out, stderr=err,
+                                         preexec_fn=self.preexec_fn)
 
         def ready() -> bool:
             assert self.proc is not None

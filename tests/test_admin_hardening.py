@@ -174,7 +174,7 @@ async def test_every_reason_is_capped_at_1_kib(blue: ModelServer, green: ModelSe
             for reason in ("r" * (MAX_REASON + 1), "r" * 900_000):
                 r = await gw.admin.request(method, path, json={
                     "backend": "green", "weight": 10, "to": "green", "threshold": 0.9,
-                    "reason": reason})
+                    "rules": [], "reason": reason})
                 assert r.status_code == 400, (method, path, r.status_code, r.text[:200])
                 assert r.json()["message"].startswith("reason:"), r.text[:200]
         assert (await gw.admin.get("/admin/routes/classifier")).json() == before

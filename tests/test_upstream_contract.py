@@ -23,6 +23,7 @@ from gateway.config import Timeouts
 from gateway.errors import (
     UpstreamConnectError,
     UpstreamError,
+    UpstreamPoolTimeout,
     UpstreamResetError,
     UpstreamTimeout,
 )
@@ -673,8 +674,9 @@ async def test_close_leaves_no_pending_tasks(make: MakeUpstream) -> None:
 async def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """With every connection busy, a request waits at most the connect timeout (then 504),
-    instead of queueing without bound behind hung requests."""
+    """With every connection busy, a request waits at most the connect timeout (then 503
+    upstream_busy: its own outcome, not a backend timeout), instead of queueing without
+    bound behind hung requests."""
     from gateway.upstream import fastpool
 
     monkeypatch.setattr(fastpool, "MAX_ACTIVE", 2)
@@ -693,7 +695,7 @@ async def test_waiting_for_a_free_connection_is_bounded_by_the_connect_timeout(
             while upstream._slots < 2:  # type: ignore[attr-defined]  # both slots taken
                 await asyncio.sleep(0)
             quick = Timeouts(connect=0.2, read=5.0)
-            with pytest.raises(UpstreamTimeout):
+            with pytest.raises(UpstreamPoolTimeout):
                 await upstream.send("GET", "/", [], None, quick)
             release.set()
             for resp, body in await asyncio.gather(*hung):

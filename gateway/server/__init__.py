@@ -6,9 +6,13 @@ Two implementations behind one small interface, sharing one proxy test suite:
 - `fast` (default, gateway/server/fast.py): an asyncio Protocol with httptools' request
   parser on uvloop. Keep-alive, pipelining answered in order, `Expect: 100-continue`,
   chunked both ways, limits on the request line, header count and size, body size while
-  streaming, idle and header-read timeouts, flow control both ways, TLS, graceful drain.
+  streaming, idle, header-read, body and write timeouts, flow control both ways, TLS,
+  graceful drain.
 - `aiohttp` (gateway/server/aiohttp_server.py): aiohttp's low-level server, the reference,
   selectable with `server: aiohttp` until the fast one has proven itself.
+
+Both keep the client limits of `ServerConfig` and the connection cap of
+gateway/server/limits.py (shared).
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from gateway.proxy import (
     response_header_kind,
 )
 from gateway.server import fastpath
+from gateway.server.limits import REFUSED, ConnectionLimit
 from gateway.server.tls import tls_context
 from gateway.upstream import Headers
 
@@ -209,7 +210,13 @@ class _Connection(asyncio.Protocol):
             self.peer = str(peer[0])
         elif peer:
             self.peer = str(peer)
-        self.server.connections.add(self)
+        connections = self.server.connections
+        if not self.server.limit.admit(len(connections), self.server.evict_idle):
+            self.closed = True  # over the cap: refused before reading anything
+            self.transport.write(REFUSED)
+            self.transport.close()
+            return
+        connections.add(self)
         self.deadline = self.loop.time() + self.config.header_timeout
         if self.server.stopping:
             self._close()
@@ -543,10 +550,16 @@ class _Connection(asyncio.Protocol):
 
     def timed_out(self) -> None:
         """The sweep found the deadline passed."""
+        limit = self.server.limit
         if self.in_headers and self.task is None and not self.queue and self.fast is None:
+            limit.timed_out("header")
             self._reject(408, "request_timeout", "the request head took too long")
             return
         body = self._body
+        if self._drain_waiter is not None:
+            limit.timed_out("write")
+        elif body is not None and body.waiter is not None:
+            limit.timed_out("body")
         if body is not None:
             body.fail()
         self._close(abort=self._drain_waiter is not None)
@@ -683,8 +696,9 @@ class _Connection(asyncio.Protocol):
 
     async def _drain(self) -> None:
         waiter = self._drain_waiter = self.loop.create_future()
-        # A client that stops reading our answer must not hold the connection forever.
-        self.deadline = self.loop.time() + self.config.body_timeout
+        # A client that stops reading our answer must not hold the connection forever: at
+        # the deadline the sweep aborts it, the waiter wakes, the backend response is closed.
+        self.deadline = self.loop.time() + self.config.write_timeout
         try:
             await waiter
         finally:
@@ -705,11 +719,27 @@ class FastServer:
         self.addresses: list[tuple[str, int]] = []
         self.connections: set[_Connection] = set()
         self.stopping = False
+        self.limit = ConnectionLimit(config.max_connections, lambda: len(self.connections))
         self._servers: list[asyncio.Server] = []
         self._sweeper: asyncio.Task[None] | None = None
 
     def _protocol(self) -> _Connection:
         return _Connection(self)
+
+    def evict_idle(self) -> bool:
+        """At the connection cap: close the idle connection (no request in flight) closest
+        to its own timeout, to make room for a new one. O(connections), only at the cap."""
+        oldest: _Connection | None = None
+        for conn in self.connections:
+            if (conn.task is None and conn.fast is None and not conn.queue
+                    and conn._body is None and conn._pending is None and not conn.closed
+                    and (oldest is None or conn.deadline < oldest.deadline)):
+                oldest = conn
+        if oldest is None:
+            return False
+        oldest._close()
+        self.connections.discard(oldest)  # its connection_lost comes later
+        return True
 
     async def start(self, listen: Sequence[tuple[str, int]], sockets: Sequence[socket.socket],
                     reuse_port: bool) -> None:
@@ -728,9 +758,11 @@ class FastServer:
             bound = server.sockets[0].getsockname() if server.sockets else (host, port)
             self.addresses.append((host, int(bound[1])))
         self._sweeper = loop.create_task(self._sweep())
+        self.proxy.recorder.gauges["proxy_connections"] = self.limit.metrics
 
     async def stop(self, timeout: float) -> None:
         self.stopping = True
+        self.proxy.recorder.gauges.pop("proxy_connections", None)
         for server in self._servers:
             server.close()
         for conn in list(self.connections):

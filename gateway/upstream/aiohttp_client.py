@@ -13,7 +13,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Timeouts
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPoolTimeout,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
 from gateway.upstream.base import Body, Headers
 
 POOL_LIMIT = 512
@@ -114,8 +120,10 @@ class AiohttpUpstream:
     ) -> AiohttpResponse:
         timeout = self._timeouts.get(timeouts)
         if timeout is None:
+            # `connect` bounds the wait for a pooled connection too (unbounded otherwise).
             timeout = aiohttp.ClientTimeout(
-                total=None, sock_connect=timeouts.connect, sock_read=timeouts.read
+                total=None, connect=timeouts.connect, sock_connect=timeouts.connect,
+                sock_read=timeouts.read,
             )
             self._timeouts[timeouts] = timeout
         data: Any = body
@@ -126,8 +134,12 @@ class AiohttpUpstream:
                 data = io.BytesIO(body)
         elif body is not None and length is not None:
             data = _SizedStream(body, length)
+        session = self._get_session()
+        connector = session.connector
+        # Every pooled connection busy as we start: a connect timeout is then the pool wait.
+        full = connector is not None and 0 < connector.limit <= len(connector._acquired)
         try:
-            resp = await self._get_session().request(
+            resp = await session.request(
                 method,
                 URL(self.origin + target, encoded=True),
                 headers=[(_text(k), _text(v)) for k, v in headers],
@@ -137,6 +149,9 @@ class AiohttpUpstream:
                 compress=None,
             )
         except TimeoutError as exc:
+            if full and isinstance(exc, aiohttp.ConnectionTimeoutError):
+                raise UpstreamPoolTimeout(f"{self.origin}: no connection free within "
+                                          f"{timeouts.connect}s") from exc
             raise UpstreamTimeout(f"{self.origin}: timed out") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamConnectError(f"{self.origin}: {exc.strerror or exc}") from exc

@@ -21,12 +21,14 @@ How it is put together:
   itself when the pool is empty, and `close()` cancels and awaits it.
 - Reading is flow-controlled: when more than `READ_HIGH` bytes wait for a slow consumer the
   socket stops being read (and the read deadline is suspended: the wait is ours) until the
-  consumer takes them. `iter_chunks()` hands over everything buffered at once, so memory per
-  response stays near `READ_HIGH` plus one socket read.
+  consumer takes them. `iter_chunks()` hands over everything buffered at once and resumes
+  reading only when asked for the next chunk (after the consumer wrote the last one out), so
+  memory per response stays near `READ_HIGH` plus one socket read, however slow the client.
 
 Errors are translated here, once: refused / unreachable / DNS → `UpstreamConnectError`; reset,
 closed early or an unparsable response → `UpstreamResetError`; connect or read timeout →
-`UpstreamTimeout`. Body errors surface from `read()` / `iter_chunks()`.
+`UpstreamTimeout`; no free connection within the connect timeout (or the wait queue full) →
+`UpstreamPoolTimeout`. Body errors surface from `read()` / `iter_chunks()`.
 """
 
 from __future__ import annotations
@@ -42,7 +44,13 @@ from urllib.parse import urlsplit
 import httptools
 
 from gateway.config import Timeouts
-from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError, UpstreamTimeout
+from gateway.errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamPoolTimeout,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
 from gateway.upstream.base import Body, Headers
 
 log = logging.getLogger("modelgate.upstream")
@@ -57,7 +65,10 @@ IDLE_TTL = 4.0
 # answer (the backend may have processed a POST and died before answering).
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 SWEEP_INTERVAL = 0.1  # timeout resolution: deadlines are checked this often
-READ_HIGH = 1 << 20  # stop reading the socket when this much body waits for the consumer
+# Stop reading the socket when this much body waits for the consumer; with one socket read
+# on top, the most a slow client of a streamed answer holds here (issue #11: 200 clients that
+# never read must cost < 100 MB).
+READ_HIGH = 128 * 1024
 COALESCE = 64 * 1024  # bytes bodies up to this size go out in the same write as the head
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
@@ -156,10 +167,13 @@ class FastResponse:
                     data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
                     chunks.clear()
                     self._buffered = 0
+                    yield data
+                    # Only once the consumer asks for more (it wrote `data` into the client's
+                    # socket buffer) is the backend read again: a client that reads nothing
+                    # holds about one chunk here, not one more per chunk it did not take.
                     conn = self._conn
                     if conn is not None and conn.reading_paused:
                         conn.resume_reading()
-                    yield data
                 elif self._exc is not None:
                     raise self._exc
                 elif self._eof:
@@ -759,15 +773,16 @@ class FastUpstream:
             self._slots += 1
         else:
             if len(self._slot_waiters) >= MAX_SLOT_WAITERS:
-                raise UpstreamConnectError(f"{self.origin}: {MAX_ACTIVE} requests in flight "
-                                           f"and {MAX_SLOT_WAITERS} waiting: overloaded")
-            # Waiting for a connection counts against the connect timeout, like connecting.
+                raise UpstreamPoolTimeout(f"{self.origin}: {MAX_ACTIVE} requests in flight "
+                                          f"and {MAX_SLOT_WAITERS} waiting: overloaded")
+            # Waiting for a connection is bounded by the connect timeout, but it is our own
+            # queue, not the backend failing: its own outcome (503 upstream_busy).
             try:
                 async with asyncio.timeout(timeouts.connect):
                     await self._wait_slot()
             except TimeoutError as exc:
-                raise UpstreamTimeout(f"{self.origin}: no connection free within "
-                                      f"{timeouts.connect}s") from exc
+                raise UpstreamPoolTimeout(f"{self.origin}: no connection free within "
+                                          f"{timeouts.connect}s") from exc
         if not fresh:
             idle = self._idle
             while idle:
