@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import GatewayConfig, load_config, parse_config
@@ -87,7 +87,7 @@ def test_the_base_document_is_valid() -> None:
     assert parse_config(BASE, env={}).server.max_connections == 100
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(path=st.sampled_from(PATHS), value=VALUES, action=st.sampled_from(["set", "del", "add"]))
 def test_config_with_one_random_change_loads_or_names_the_key(
         path: tuple[Any, ...], value: Any, action: str) -> None:
@@ -107,7 +107,7 @@ def test_config_with_one_random_change_loads_or_names_the_key(
     loads_or_names_the_key(doc)
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=st.text(max_size=200) | VALUES.map(lambda v: yaml.safe_dump(v)))
 def test_random_yaml_text_loads_or_names_the_problem(tmp_path: Path, text: str) -> None:
@@ -231,7 +231,7 @@ def exchange(port: int, data: bytes) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(method=st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]),
@@ -284,9 +284,13 @@ junk_heads = st.builds(
     st.binary(max_size=40))
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=60, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=junk_heads | st.binary(max_size=200))
+# Found by this test: a chunked body broken mid-way held its request until body_timeout.
+@example(data=b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nx")
+@example(data=b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n"
+              b"hello world")
 def test_malformed_requests_never_get_a_5xx(gateway_port: int, data: bytes) -> None:
     status = answer_to_junk(gateway_port, data)
     assert status is None or status < 500, status

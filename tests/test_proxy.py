@@ -80,7 +80,10 @@ class Echo:
             await self._runner.cleanup()
 
     async def echo(self, request: web.Request) -> web.Response:
-        body = await request.read()
+        try:
+            body = await request.read()
+        except ConnectionResetError:  # the gateway cut the upload (its client broke it off)
+            return web.Response(status=499)
         report = {
             "method": request.method,
             "target": request.raw_path,
