@@ -309,6 +309,15 @@ class _Pool:
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
 
+    async def preconnect(self, n: int) -> int:
+        """Open connections until there are `n` (at most the cap) before any load, so their
+        number stays put during a long run (soak.py counts the gateway's descriptors).
+        Returns how many are open."""
+        for _ in range(max(0, min(n, self.max_conns) - len(self.conns))):
+            self.connecting += 1
+            await self._connect()
+        return len(self.conns)
+
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
