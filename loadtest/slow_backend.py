@@ -20,6 +20,7 @@ import contextlib
 import signal
 import sys
 from collections import deque
+from typing import cast
 
 import httptools
 
@@ -49,7 +50,7 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
 
     def data_received(self, data: bytes) -> None:
         try:

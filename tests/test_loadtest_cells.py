@@ -195,26 +195,32 @@ def _rows(errors: int = 0) -> list[dict[str, Any]]:
 
 
 def test_soak_verdict() -> None:
-    # Baseline: the first sample at or after 60 s (72 MB, 60 fds); end: the last one within
-    # the load's 120 s (the one at 130 s is after the load and does not count).
-    steady = _samples([50, 60, 68, 70, 71, 72, 73, 74, 75, 76, 76, 76.5, 10], [40] + [60] * 12)
-    v = soak.verdict(steady, _rows(), baseline_after=60, duration=120, tolerance=0.10)
+    # Samples every 10 s for 130 s; the load ran 120 s. Windows of 20 s: the first is 60–70 s,
+    # the last 110–120 s (the sample at 130 s is after the load and does not count).
+    steady = _samples([50, 60, 68, 70, 71, 72, 73, 74, 75, 76, 76, 77.5, 10],
+                      [40, 60, 60, 60, 60, 60, 75, 60, 62, 60, 61, 90, 60])
+    v = soak.verdict(steady, _rows(), baseline_after=60, duration=120, tolerance=0.10,
+                     window=20)
     assert v["passed"], v
-    assert v["baseline"]["t"] == 60 and v["end"]["t"] == 120
-    assert v["rss_change"] == pytest.approx(76.5 / 72 - 1)
+    assert (v["baseline"]["from"], v["baseline"]["to"]) == (60, 70)
+    assert (v["end"]["from"], v["end"]["to"]) == (110, 120)
+    assert v["baseline"]["rss_mb"] == 72.5 and v["end"]["rss_mb"] == 76.75  # medians
+    assert v["rss_change"] == pytest.approx(76.75 / 72.5 - 1)
+    # Descriptors: the floor of each window; a burst (90 at 120 s) is no leak.
+    assert v["baseline"]["fds"] == 60 and v["end"]["fds"] == 61 and v["end"]["fds_max"] == 90
     # RSS growing past 10 %: fails on RSS only.
     leak = _samples([60] * 6 + [64, 66, 68, 70, 72, 78], [60] * 12)
-    v = soak.verdict(leak, _rows(), 60, 120, 0.10)
+    v = soak.verdict(leak, _rows(), 60, 120, 0.10, window=20)
     assert not v["passed"] and not v["rss_ok"] and v["fds_ok"] and v["reason"] == "RSS"
-    # Descriptors leaking.
+    # A descriptor leak raises the floor.
     fds = _samples([60] * 12, [60] * 6 + [62, 64, 66, 68, 70, 72])
-    v = soak.verdict(fds, _rows(), 60, 120, 0.10)
+    v = soak.verdict(fds, _rows(), 60, 120, 0.10, window=20)
     assert not v["passed"] and v["rss_ok"] and not v["fds_ok"]
     # One failed request fails the soak.
-    v = soak.verdict(steady, _rows(errors=1), 60, 120, 0.10)
+    v = soak.verdict(steady, _rows(errors=1), 60, 120, 0.10, window=20)
     assert not v["passed"] and v["errors"] == 1 and "1 failed requests" in v["reason"]
-    # Nothing sampled after the baseline time: no verdict can pass.
-    v = soak.verdict(_samples([60] * 3, [60] * 3), _rows(), 60, 120, 0.10)
+    # Nothing sampled in the last window: no verdict can pass.
+    v = soak.verdict(_samples([60] * 8, [60] * 8), _rows(), 60, 120, 0.10, window=20)
     assert not v["passed"] and "no sample" in v["reason"]
 
 
@@ -232,6 +238,7 @@ def test_soak_table_rows_take_the_last_sample_of_each_interval() -> None:
 def test_soak_rejects_unbounded_runs(capsys: pytest.CaptureFixture[str]) -> None:
     for argv, message in ((["--rate", "0"], "--rate"), (["--duration", "99999"], "--duration"),
                           (["--duration", "10", "--baseline-after", "10"], "--baseline-after"),
+                          (["--duration", "100", "--baseline-after", "60"], "--window"),
                           (["--tolerance", "1.5"], "--tolerance")):
         with pytest.raises(SystemExit) as exc:
             soak.parse_args(argv)
@@ -320,7 +327,8 @@ async def test_soak_passes_a_short_run_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "soak.json"
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SOAK), "--rate", "100", "--duration", "2", "--interval", "0.5",
-        "--baseline-after", "0.5", "--sample-every", "0.2", "--connections", "8",
+        "--baseline-after", "0.5", "--window", "0.5", "--sample-every", "0.2",
+        "--connections", "8",
         "--json", str(out), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
@@ -328,7 +336,7 @@ async def test_soak_passes_a_short_run_and_reports(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     v = report["verdict"]
     assert v["passed"] and v["errors"] == 0 and 130 <= v["requests"] <= 270, v
-    assert v["baseline"]["t"] >= 0.5 and v["end"]["t"] > v["baseline"]["t"]
+    assert v["baseline"]["from"] >= 0.5 and v["end"]["from"] >= v["baseline"]["to"]
     assert v["baseline"]["fds"] > 8 and v["end"]["rss_mb"] > 10
     assert len(report["intervals"]) >= 3
     assert all(row["connections"] == 8 for row in report["intervals"])
@@ -343,7 +351,7 @@ async def test_soak_passes_a_short_run_and_reports(tmp_path: Path) -> None:
 async def test_soak_stops_everything_on_sigterm() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, str(SOAK), "--rate", "50", "--duration", "30", "--interval", "1",
-        "--baseline-after", "1",
+        "--baseline-after", "1", "--window", "5",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
