@@ -264,6 +264,9 @@ class _Pool:
         self.completed = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        # Most recently used connection first (default: the fewest connections stay warm), or
+        # each in turn (soak.py: none idles long enough for the server to close it).
+        self.round_robin = False
         self._idle_waiter: asyncio.Future[None] | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
 
@@ -278,7 +281,8 @@ class _Pool:
             return
         self.outstanding += 1
         if self.idle:
-            self._send(self.idle.pop(), intended, counted)
+            self._send(self.idle.pop(0) if self.round_robin else self.idle.pop(), intended,
+                       counted)
         else:
             self.queue.append((intended, counted))
             self._maybe_connect()
