@@ -184,9 +184,12 @@ def test_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 # -- soak.py: the verdict -----------------------------------------------------------------------
 
-def _samples(rss: list[float], fds: list[int], step: float = 10.0) -> list[Any]:
-    return [soak.Sample(t=step * (i + 1), rss_mb=r, peak_rss_mb=max(rss[: i + 1]), fds=f)
-            for i, (r, f) in enumerate(zip(rss, fds, strict=True))]
+def _samples(rss: list[float], fds: list[int], step: float = 10.0,
+             connections: list[int] | None = None) -> list[Any]:
+    conns = connections or [0] * len(rss)
+    return [soak.Sample(t=step * (i + 1), rss_mb=r, peak_rss_mb=max(rss[: i + 1]), fds=f,
+                        connections=c)
+            for i, (r, f, c) in enumerate(zip(rss, fds, conns, strict=True))]
 
 
 def _rows(errors: int = 0) -> list[dict[str, Any]]:
@@ -207,7 +210,14 @@ def test_soak_verdict() -> None:
     assert v["baseline"]["rss_mb"] == 72.5 and v["end"]["rss_mb"] == 76.75  # medians
     assert v["rss_change"] == pytest.approx(76.75 / 72.5 - 1)
     # Descriptors: the floor of each window; a burst (90 at 120 s) is no leak.
-    assert v["baseline"]["fds"] == 60 and v["end"]["fds"] == 61 and v["end"]["fds_max"] == 90
+    assert v["baseline"]["other_fds"] == 60 and v["end"]["other_fds"] == 61
+    assert v["end"]["fds_max"] == 90
+    # Connections opened by congestion at the end are no leak either: only the descriptors
+    # besides established connections are judged.
+    congested = _samples([70] * 12, [50] * 6 + [80] * 6,
+                         connections=[35] * 6 + [65] * 6)
+    v = soak.verdict(congested, _rows(), 60, 120, 0.10, window=20)
+    assert v["passed"] and v["end"]["fds"] == 80 and v["end"]["other_fds"] == 15, v
     # RSS growing past 10 %: fails on RSS only.
     leak = _samples([60] * 6 + [64, 66, 68, 70, 72, 78], [60] * 12)
     v = soak.verdict(leak, _rows(), 60, 120, 0.10, window=20)
@@ -231,8 +241,8 @@ def test_soak_table_rows_take_the_last_sample_of_each_interval() -> None:
             {"t": 120.0, "rate": 999.0, "errors": {"status_5xx": 2}, "p50": 0.5, "p99": 1.6,
              "max": 4.0, "connections": 32}]
     lines = soak.table(samples, rows)
-    assert lines[2].startswith("| 60 | 61.0 | 61.0 | 51 | 1,000 | 0 |")
-    assert lines[3].startswith("| 120 | 63.0 | 63.0 | 53 | 999 | 2 |")
+    assert lines[2].startswith("| 60 | 61.0 | 61.0 | 51 | 51 | 1,000 | 0 |")
+    assert lines[3].startswith("| 120 | 63.0 | 63.0 | 53 | 53 | 999 | 2 |")
 
 
 def test_soak_rejects_unbounded_runs(capsys: pytest.CaptureFixture[str]) -> None:
@@ -338,6 +348,8 @@ async def test_soak_passes_a_short_run_and_reports(tmp_path: Path) -> None:
     assert v["passed"] and v["errors"] == 0 and 130 <= v["requests"] <= 270, v
     assert v["baseline"]["from"] >= 0.5 and v["end"]["from"] >= v["baseline"]["to"]
     assert v["baseline"]["fds"] > 8 and v["end"]["rss_mb"] > 10
+    # The 8 client connections (and the pools') are established connections, not the rest.
+    assert 0 < v["end"]["other_fds"] < v["end"]["fds"] - 8
     assert len(report["intervals"]) >= 3
     assert all(row["connections"] == 8 for row in report["intervals"])
     # Shadow and probes were on: every request was mirrored and probed.
