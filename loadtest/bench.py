@@ -3,11 +3,16 @@
 
     python loadtest/bench.py [--rate 1000] [--seconds 10] [--rounds 3]
                              [--targets direct,nginx,modelgate,modelgate-fast] [--json out.json]
+    python loadtest/bench.py --cells canary,shadow-probes,workers2-redis,model20ms --json a.json
+    python loadtest/bench.py compare a.json b.json
     python loadtest/bench.py loadgen --url http://127.0.0.1:8000/v2/models/classifier/infer
 
 The first form starts everything it measures (a backend, nginx as the baseline proxy, modelgate
 with each upstream), runs every target in turn per round and prints medians over rounds; the
-second runs only the open-loop generator against a URL and prints its result as JSON.
+second measures the budget's cells (each a gateway configuration on its backend, next to
+direct and nginx on that same backend); `compare` prints, per cell, the ratios between two
+`--json` reports (two commits); `loadgen` runs only the open-loop generator against a URL and
+prints its result as JSON.
 
 How it measures (see /work/shared/PERF-NOTES.md and loadtest/README.md):
 
@@ -81,6 +86,40 @@ MODELGATE = {
 }
 TARGETS = ("direct", "nginx", *MODELGATE)
 DEFAULT_TARGETS = ("direct", "nginx", "modelgate", "modelgate-fast")
+# The "model20ms" backend: loadtest/slow_backend.py answering after this long. (The demo model
+# server has --latency-ms, but it saturates below 1000 req/s on a shared 2-core machine.)
+MODEL_LATENCY_MS = 20.0
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the performance budget: a gateway configuration on a backend kind.
+
+    `backend` is "trivial" (nginx `return 200`, or the demo model server with --backend
+    model-server) or "model20ms" (loadtest/slow_backend.py answering after 20 ms); the cell's
+    added latency and × nginx are against direct and nginx on that same backend, per round.
+    """
+
+    name: str
+    description: str
+    backend: str = "trivial"
+    shadow_probes: bool = False  # shadow 100 % to a second backend + input/output probes
+    workers: int = 1  # serve --workers N (summed CPU and RSS over supervisor and workers)
+    redis: bool = False  # store: redis://… on a redis-server bench.py starts
+
+
+CELLS = {
+    "canary": Cell("canary", "sticky 10 % canary, metrics on (the default build)"),
+    "shadow-probes": Cell("shadow-probes", "canary + shadow 100 % to a second backend + "
+                          "input/output probes (sample 1.0)", shadow_probes=True),
+    "workers2-redis": Cell("workers2-redis", "canary, serve --workers 2, store: redis",
+                           workers=2, redis=True),
+    "model20ms": Cell("model20ms", f"canary in front of a {MODEL_LATENCY_MS:g} ms model "
+                      "(loadtest/slow_backend.py)", backend="model20ms"),
+}
+# The baselines of each backend kind: (direct, nginx) target names.
+BASELINES = {"trivial": ("direct", "nginx"),
+             "model20ms": ("direct-model20ms", "nginx-model20ms")}
 ADMIN_TOKEN = "bench-admin-token-0123456789"
 PROXY_CPU = "0"  # the proxy under test
 LOAD_CPU = "1"  # backend, load generator, wrk
@@ -225,6 +264,9 @@ class _Pool:
         self.completed = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.accepting = True
+        # Most recently used connection first (default: the fewest connections stay warm), or
+        # each in turn (soak.py: none idles long enough for the server to close it).
+        self.round_robin = False
         self._idle_waiter: asyncio.Future[None] | None = None
         self._lost_waiter: asyncio.Future[None] | None = None
 
@@ -239,7 +281,8 @@ class _Pool:
             return
         self.outstanding += 1
         if self.idle:
-            self._send(self.idle.pop(), intended, counted)
+            self._send(self.idle.pop(0) if self.round_robin else self.idle.pop(), intended,
+                       counted)
         else:
             self.queue.append((intended, counted))
             self._maybe_connect()
@@ -269,6 +312,15 @@ class _Pool:
             task = asyncio.get_running_loop().create_task(self._connect())
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+
+    async def preconnect(self, n: int) -> int:
+        """Open connections until there are `n` (at most the cap) before any load, so their
+        number stays put during a long run (soak.py counts the gateway's descriptors).
+        Returns how many are open."""
+        for _ in range(max(0, min(n, self.max_conns) - len(self.conns))):
+            self.connecting += 1
+            await self._connect()
+        return len(self.conns)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -544,12 +596,43 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time so far (Linux /proc), nan elsewhere."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return math.nan
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return cpu_seconds(self.pid)
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (Linux /proc), nan elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of `pid` (Linux /proc), [] elsewhere or when it is gone."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def status_kb(pid: int, key: str) -> float:
+    """A kB field of /proc/PID/status (VmRSS: resident now, VmHWM: its peak); nan if absent."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return math.nan
+    match = re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE)
+    return float(match.group(1)) if match else math.nan
+
+
+def open_fds(pid: int) -> int:
+    """How many file descriptors `pid` has open (/proc/PID/fd); -1 when unreadable."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
 
 
 class Processes:
@@ -665,11 +748,15 @@ def start_nginx(procs: Processes, name: str, template: str, cpu: str,
     nginx = find_nginx()
     assert nginx is not None
     port = free_port()
-    conf = procs.workdir / f"{name}.conf"
-    conf.write_text(render(template, DIR=str(procs.workdir), PORT=str(port), **values))
+    # A folder per nginx: two of one template (two backends, two proxies) must not share
+    # their pid file and temp folders.
+    home = procs.workdir / name
+    home.mkdir(exist_ok=True)
+    conf = home / f"{name}.conf"
+    conf.write_text(render(template, DIR=str(home), PORT=str(port), **values))
     # -e: the error log from the first moment (before the config's error_log applies).
-    proc = procs.start(name, [nginx, "-p", str(procs.workdir), "-c", str(conf),
-                              "-e", str(procs.workdir / f"{name}-error.log")], cpu)
+    proc = procs.start(name, [nginx, "-p", str(home), "-c", str(conf),
+                              "-e", str(home / f"{name}-error.log")], cpu)
     wait_ready(proc, port)
     return proc, port
 
@@ -681,45 +768,128 @@ def find_nginx() -> str | None:
     return None
 
 
+# Input and output probes on every infer call (as in the demo config and probes_cost.py).
+PROBES_YAML = """\
+    probes:
+      sample: 1.0
+      path_suffix: /infer
+      input:
+        length: inputs[0].data
+        missing: inputs[0].data
+        required: [inputs, "inputs[0].data"]
+        features:
+          sepal_length: {path: "inputs[0].data[*][0]", range: [4, 8], bins: 8}
+          petal_length: {path: "inputs[0].data[*][2]", range: [1, 7], bins: 6}
+      output:
+        prediction: outputs[0].data
+        labels: [setosa, versicolor, virginica]
+"""
+
+
 def gateway_config(port: int, admin_port: int, backend_port: int,
-                   server: str = "fast") -> str:
+                   server: str = "fast", *, shadow_port: int | None = None,
+                   probes: bool = False, store: str | None = None) -> str:
     """One route `/` → the backend, sticky on x-user-id, a 10% canary to a second backend
-    name on the same URL: the hash, split and per-backend metrics all run per request."""
+    name on the same URL: the hash, split and per-backend metrics all run per request.
+
+    `shadow_port`: every request (sample 100 %) is also mirrored to a backend named `shadow`
+    there and the predictions compared (kserve_v2); `probes`: input/output probes on every
+    infer call; `store`: a store URL (redis://…) instead of the in-memory store."""
     backend = f"http://127.0.0.1:{backend_port}"
-    return (
+    text = (
         f"listen: 127.0.0.1:{port}\n"
         f"server: {server}\n"
         f"admin:\n  listen: 127.0.0.1:{admin_port}\n"
-        "routes:\n"
+        + (f"store: {store}\n" if store else "")
+        + "routes:\n"
         "  - name: bench\n"
         "    match:\n      path_prefix: /\n"
         "    backends:\n"
         f"      stable:\n        url: {backend}\n"
         f"      canary:\n        url: {backend}\n"
-        "    live: stable\n"
+        + (f"      shadow:\n        url: http://127.0.0.1:{shadow_port}\n"
+           if shadow_port is not None else "")
+        + "    live: stable\n"
         "    canary:\n      backend: canary\n      weight: 10\n"
         "    sticky:\n      header: x-user-id\n"
     )
+    if shadow_port is not None:
+        text += ("    shadow:\n      backend: shadow\n      sample: 100\n"
+                 "      compare:\n        preset: kserve_v2\n")
+    if probes:
+        text += PROBES_YAML
+    return text
 
 
 def start_modelgate(procs: Processes, name: str, upstream: str,
-                    backend_port: int, server: str = "fast") -> tuple[Proc, int]:
-    port, admin_port = free_port(), free_port()
+                    backend_port: int, server: str = "fast", *,
+                    shadow_port: int | None = None, probes: bool = False,
+                    store: str | None = None, workers: int = 1) -> tuple[Proc, int]:
+    port = free_port()
+    # Workers serve the admin API on its port + i: port 0 gives each any free port.
+    admin_port = free_port() if workers == 1 else 0
     config = procs.workdir / f"{name}.yaml"
-    config.write_text(gateway_config(port, admin_port, backend_port, server))
+    config.write_text(gateway_config(port, admin_port, backend_port, server,
+                                     shadow_port=shadow_port, probes=probes, store=store))
     argv = [sys.executable, "-m", "gateway", "serve", "-c", str(config), "--upstream", upstream]
-    env = {**os.environ, "MODELGATE_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    env = {**os.environ, "MODELGATE_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1",
+           "MODELGATE_STATE_DIR": str(procs.workdir)}
     proc = procs.start(name, argv, PROXY_CPU, env)
+    if workers > 1:
+        # The first worker answering is not enough: wait for the supervisor's ready line
+        # (every worker listening), or a measurement would start on one worker.
+        deadline = time.monotonic() + 60
+        while "modelgate ready:" not in proc.log.read_text(errors="replace"):
+            if proc.popen.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"{name} (--workers {workers}) did not start:\n"
+                                 f"{proc.log_tail()}")
+            time.sleep(0.05)
     wait_ready(proc, port)
     return proc, port
 
 
-def start_model_server(procs: Processes) -> tuple[Proc, int]:
+def start_model_server(procs: Processes, name: str = "backend") -> tuple[Proc, int]:
     port = free_port()
     argv = [sys.executable, "-m", "gateway", "model-server", "--port", str(port)]
-    proc = procs.start("backend", argv, LOAD_CPU)
+    proc = procs.start(name, argv, LOAD_CPU)
     wait_ready(proc, port)
     return proc, port
+
+
+def start_slow_backend(procs: Processes, name: str, delay_ms: float) -> tuple[Proc, int]:
+    """loadtest/slow_backend.py: the fixed body after `delay_ms`, cheap enough for 1000s/s."""
+    port = free_port()
+    argv = [sys.executable, str(HERE / "slow_backend.py"), "--port", str(port),
+            "--delay-ms", f"{delay_ms:g}", "--body", BACKEND_BODY]
+    proc = procs.start(name, argv, LOAD_CPU)
+    wait_ready(proc, port)
+    return proc, port
+
+
+def start_redis(procs: Processes) -> tuple[Proc, int]:
+    """A redis-server on a free loopback port, no persistence, stopped by PID with the rest."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server not found (apt-get install redis-server)")
+    port = free_port()
+    proc = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no",
+                                 "--dir", str(procs.workdir)], LOAD_CPU)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(64).startswith(b"+PONG"):
+                    return proc, port
+        except OSError:
+            pass
+        if proc.popen.poll() is not None:
+            break
+        time.sleep(0.05)
+    raise BenchError(f"redis-server did not start:\n{proc.log_tail()}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,10 +901,32 @@ class Target:
     name: str
     port: int
     proc: Proc | None  # the proxy process (CPU is measured on it); None for direct
+    direct: str = "direct"  # the baselines its added latency and × nginx are taken against
+    nginx: str = "nginx"
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{PATH}"
+
+    def pids(self) -> list[int]:
+        """The proxy's processes: the one started and its children (`--workers N`: the
+        supervisor and each worker), read now, so a restarted worker is counted."""
+        if self.proc is None:
+            return []
+        return [self.proc.pid, *children(self.proc.pid)]
+
+    def cpu_seconds(self) -> float:
+        """CPU time so far, summed over the proxy's processes; nan for direct."""
+        pids = self.pids()
+        return sum(cpu_seconds(pid) for pid in pids) if pids else math.nan
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(resident now, sum of each process's peak resident) in MB; nan for direct."""
+        pids = self.pids()
+        if not pids:
+            return math.nan, math.nan
+        return (sum(status_kb(pid, "VmRSS") for pid in pids) / 1024,
+                sum(status_kb(pid, "VmHWM") for pid in pids) / 1024)
 
 
 @dataclass
@@ -746,6 +938,8 @@ class RunRecord:
     closed_rps: float = math.nan
     closed_errors: int = 0
     closed_cpu_us: float = math.nan
+    rss_mb: float = math.nan  # the proxy's resident memory after this round's runs
+    peak_rss_mb: float = math.nan  # VmHWM: the peak, summed over its processes
     notes: list[str] = field(default_factory=list)
 
 
@@ -758,7 +952,7 @@ def run_open(procs: Processes, target: Target, args: argparse.Namespace,
          "--seed", str(seed)],
         LOAD_CPU,
     )
-    cpu0 = target.proc.cpu_seconds() if target.proc else math.nan
+    cpu0 = target.cpu_seconds()
     limit = args.warmup + args.seconds + 5.0 + 30.0
     # Own process, owned PID: stopped by its PID if anything goes wrong below.
     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -769,7 +963,7 @@ def run_open(procs: Processes, target: Target, args: argparse.Namespace,
     finally:
         if popen.poll() is None:
             stop_process(Proc("loadgen", popen, Path(os.devnull)))
-    cpu1 = target.proc.cpu_seconds() if target.proc else math.nan
+    cpu1 = target.cpu_seconds()
     if popen.returncode != 0:
         raise BenchError(f"load generator failed ({popen.returncode}): {err.decode()[-2000:]}")
     result: dict[str, Any] = json.loads(out)
@@ -805,7 +999,7 @@ def run_closed(procs: Processes, target: Target, args: argparse.Namespace,
     assert wrk is not None
     argv = procs.argv([wrk, "-t1", f"-c{args.wrk_connections}", f"-d{args.closed_seconds}s",
                        "-s", str(script), target.url], LOAD_CPU)
-    cpu0 = target.proc.cpu_seconds() if target.proc else math.nan
+    cpu0 = target.cpu_seconds()
     popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True,
                              preexec_fn=_pdeathsig if sys.platform == "linux" else None)
@@ -814,7 +1008,7 @@ def run_closed(procs: Processes, target: Target, args: argparse.Namespace,
     finally:
         if popen.poll() is None:
             stop_process(Proc("wrk", popen, Path(os.devnull)))
-    cpu1 = target.proc.cpu_seconds() if target.proc else math.nan
+    cpu1 = target.cpu_seconds()
     text = out.decode(errors="replace")
     rps, requests, errors = parse_wrk(text)
     if popen.returncode != 0 or math.isnan(rps):
@@ -845,9 +1039,14 @@ def rotate(items: list[Target], n: int) -> list[Target]:
     return items[k:] + items[:k]
 
 
-def summarize(records: list[RunRecord], targets: Sequence[str]) -> dict[str, dict[str, Any]]:
+def summarize(records: list[RunRecord], targets: Sequence[str],
+              baselines: dict[str, tuple[str, str]] | None = None
+              ) -> dict[str, dict[str, Any]]:
     """Per target: medians over rounds; added latency and × nginx are per-round differences
-    and ratios first (both sides saw the same machine state), then their median."""
+    and ratios first (both sides saw the same machine state), then their median.
+
+    `baselines` maps a target to its (direct, nginx) targets: those on the same backend
+    (default: "direct" and "nginx")."""
     by_round: dict[int, dict[str, RunRecord]] = {}
     for rec in records:
         by_round.setdefault(rec.round, {})[rec.target] = rec
@@ -869,10 +1068,15 @@ def summarize(records: list[RunRecord], targets: Sequence[str]) -> dict[str, dic
             "closed_rps": median([r.closed_rps for r in mine]),
             "closed_errors": sum(r.closed_errors for r in mine),
             "closed_cpu_us": median([r.closed_cpu_us for r in mine]),
+            "rss_mb": median([r.rss_mb for r in mine]),
+            "peak_rss_mb": max([r.peak_rss_mb for r in mine if not math.isnan(r.peak_rss_mb)],
+                               default=math.nan),
         }
+        direct_name, nginx_name = (baselines or {}).get(name, ("direct", "nginx"))
+        row["baseline"] = {"direct": direct_name, "nginx": nginx_name}
         added50, added99, ratio = [], [], []
         for recs in by_round.values():
-            me, direct, nginx = recs.get(name), recs.get("direct"), recs.get("nginx")
+            me, direct, nginx = recs.get(name), recs.get(direct_name), recs.get(nginx_name)
             if me and direct and me.open_loop and direct.open_loop:
                 added50.append(me.open_loop["latency_ms"]["p50"]
                                - direct.open_loop["latency_ms"]["p50"])
@@ -901,23 +1105,41 @@ def print_table(summary: dict[str, dict[str, Any]], args: argparse.Namespace) ->
 
     title = (f"open loop: Poisson {args.rate:g} req/s × {args.seconds:g} s; closed loop: wrk "
              f"-c{args.wrk_connections} × {args.closed_seconds:g} s; medians of "
-             f"{args.rounds} interleaved round(s); latency in ms")
+             f"{args.rounds} interleaved round(s); latency in ms; + and × against direct and "
+             "nginx on the same backend")
     table = Table(title=title, title_justify="left")
     for col in ("target", "req/s", "errors", "p50", "p90", "p99", "p99.9", "+p50 vs direct",
                 "+p99 vs direct", "cpu µs/req @rate", "max req/s", "× nginx",
-                "cpu µs/req @max"):
+                "cpu µs/req @max", "RSS MB", "peak MB"):
         table.add_column(col, justify="left" if col == "target" else "right")
     for name, row in summary.items():
+        is_direct = row.get("baseline", {}).get("direct", "direct") == name
         table.add_row(
             name, _fmt(row["rate"], 0), str(row["errors"] + row["closed_errors"]),
             _fmt(row["p50"], 3), _fmt(row["p90"], 3), _fmt(row["p99"], 3),
             _fmt(row["p99.9"], 3),
-            "" if name == "direct" else _signed(row["added_p50"]),
-            "" if name == "direct" else _signed(row["added_p99"]),
+            "" if is_direct else _signed(row["added_p50"]),
+            "" if is_direct else _signed(row["added_p99"]),
             _fmt(row["open_cpu_us"], 0), _fmt(row["closed_rps"], 0),
             _fmt(row["x_nginx"], 2), _fmt(row["closed_cpu_us"], 0),
+            _fmt(row.get("rss_mb", math.nan), 1), _fmt(row.get("peak_rss_mb", math.nan), 1),
         )
-    Console(width=200).print(table)
+    Console(width=220).print(table)
+
+
+def git_commit() -> dict[str, Any]:
+    """The checkout's commit and whether it has uncommitted changes (None outside git)."""
+    def git(*argv: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(HERE.parent), *argv], capture_output=True,
+                                  text=True, timeout=10, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": None if status is None else bool(status)}
 
 
 def environment(pin: bool) -> dict[str, Any]:
@@ -928,21 +1150,49 @@ def environment(pin: bool) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "nginx": nginx,
         "wrk": shutil.which("wrk"),
+        "redis_server": shutil.which("redis-server"),
         "loadavg": os.getloadavg(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": git_commit(),
     }
 
 
+def plan_targets(targets: Sequence[str], cells: Sequence[str]) -> list[tuple[str, str]]:
+    """(target, backend kind) in measuring order: the targets asked for, then the baselines
+    each cell needs on its backend (direct and nginx), then the cells. No duplicates."""
+    out: list[tuple[str, str]] = [(t, "trivial") for t in targets]
+    for cell in cells:
+        for baseline in BASELINES[CELLS[cell].backend]:
+            if (baseline, CELLS[cell].backend) not in out:
+                out.append((baseline, CELLS[cell].backend))
+    out += [(c, CELLS[c].backend) for c in cells]
+    return out
+
+
+def parse_list(text: str | None, known: Sequence[str], what: str) -> list[str]:
+    names = [t.strip() for t in (text or "").split(",") if t.strip()]
+    unknown = [t for t in names if t not in known]
+    if unknown:
+        raise BenchError(f"unknown {what}(s) {unknown}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))  # in order, once each
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown or not targets:
-        raise BenchError(f"unknown target(s) {unknown}; choose from {', '.join(TARGETS)}")
+    cells = parse_list(args.cells, tuple(CELLS), "cell")
+    # Without --targets: the old default set, or only the baselines when cells are asked for.
+    targets = parse_list(args.targets if args.targets is not None
+                         else ",".join(("direct", "nginx") if cells else DEFAULT_TARGETS),
+                         TARGETS, "target")
+    if not targets and not cells:
+        raise BenchError("nothing to measure: give --targets and/or --cells")
     nginx = find_nginx()
     notes: list[str] = []
-    if "nginx" in targets and nginx is None:
-        targets.remove("nginx")
+    plan = plan_targets(targets, cells)
+    if nginx is None and any(name.startswith("nginx") for name, _ in plan):
+        plan = [(n, b) for n, b in plan if not n.startswith("nginx")]
         notes.append("nginx not found: no nginx baseline")
+    if any(CELLS[c].redis for c in cells) and shutil.which("redis-server") is None:
+        raise BenchError("cell workers2-redis needs redis-server (apt-get install redis-server)")
     backend_kind = args.backend
     if backend_kind == "auto":
         backend_kind = "nginx" if nginx else "model-server"
@@ -955,29 +1205,65 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_closed and not closed:
         notes.append("wrk not found: no closed-loop throughput")
     env_before = environment(pin)
+    baselines = {name: BASELINES[kind] for name, kind in plan}
 
     with tempfile.TemporaryDirectory(prefix="modelgate-bench-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir, pin)
         records: list[RunRecord] = []
+        pids: dict[str, int] = {}
         try:
-            if backend_kind == "nginx":
-                backend, backend_port = start_nginx(procs, "backend", "backend.conf.template",
-                                                    LOAD_CPU, BODY=BACKEND_BODY)
-            else:
-                backend, backend_port = start_model_server(procs)
+            # The backends each planned target needs, started once.
+            ports: dict[str, int] = {}
+            if any(kind == "trivial" for _, kind in plan):
+                if backend_kind == "nginx":
+                    _, ports["trivial"] = start_nginx(procs, "backend", "backend.conf.template",
+                                                      LOAD_CPU, BODY=BACKEND_BODY)
+                else:
+                    _, ports["trivial"] = start_model_server(procs)
+            if any(kind == "model20ms" for _, kind in plan):
+                _, ports["model20ms"] = start_slow_backend(procs, "backend-model20ms",
+                                                           MODEL_LATENCY_MS)
+            shadow_port = None
+            if any(CELLS[c].shadow_probes for c in cells):
+                # A second backend for the shadow copies, of the same kind as the first.
+                if backend_kind == "nginx":
+                    _, shadow_port = start_nginx(procs, "backend-shadow",
+                                                 "backend.conf.template", LOAD_CPU,
+                                                 BODY=BACKEND_BODY)
+                else:
+                    _, shadow_port = start_model_server(procs, "backend-shadow")
+            redis_url = None
+            if any(CELLS[c].redis for c in cells):
+                _, redis_port = start_redis(procs)
+                redis_url = f"redis://127.0.0.1:{redis_port}/0"
             running: list[Target] = []
-            for name in targets:
-                if name == "direct":
-                    running.append(Target(name, backend_port, None))
-                elif name == "nginx":
-                    proc, port = start_nginx(procs, "nginx", "proxy.conf.template", PROXY_CPU,
+            for name, kind in plan:
+                backend_port = ports[kind]
+                direct_name, nginx_name = BASELINES[kind]
+                if name == direct_name:
+                    target = Target(name, backend_port, None)
+                elif name == nginx_name:
+                    proc, port = start_nginx(procs, name, "proxy.conf.template", PROXY_CPU,
                                              BACKEND_PORT=str(backend_port))
-                    running.append(Target(name, port, proc))
+                    target = Target(name, port, proc)
+                elif name in CELLS:
+                    cell = CELLS[name]
+                    proc, port = start_modelgate(
+                        procs, name, "fast", backend_port, "fast",
+                        shadow_port=shadow_port if cell.shadow_probes else None,
+                        probes=cell.shadow_probes, store=redis_url if cell.redis else None,
+                        workers=cell.workers)
+                    target = Target(name, port, proc)
                 else:
                     server, upstream = MODELGATE[name]
                     proc, port = start_modelgate(procs, name, upstream, backend_port, server)
-                    running.append(Target(name, port, proc))
+                    target = Target(name, port, proc)
+                target.direct, target.nginx = direct_name, nginx_name
+                running.append(target)
+            for target in running:
+                for i, pid in enumerate(target.pids()[1:]):
+                    pids[f"{target.name} worker {i}"] = pid
             script = workdir / "post.lua"
             script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "users": USERS})
             for rnd in range(args.rounds):
@@ -997,15 +1283,22 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                         recs[target.name].closed_rps = rps
                         recs[target.name].closed_errors = errors
                         recs[target.name].closed_cpu_us = cpu_us
+                for target in running:
+                    recs[target.name].rss_mb, recs[target.name].peak_rss_mb = target.memory_mb()
                 records.extend(recs.values())
-            pids = {p.name: p.pid for p in procs.procs}
+            pids.update({p.name: p.pid for p in procs.procs})
         finally:
             procs.stop_all()
-    summary = summarize(records, [t for t in targets])
+    names = [name for name, _ in plan]
+    summary = summarize(records, names, baselines)
     return {
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "environment": {**env_before, "loadavg_after": os.getloadavg(),
                         "backend": backend_kind},
+        "cells": {c: {**asdict(CELLS[c]), "baseline": dict(zip(("direct", "nginx"),
+                                                               BASELINES[CELLS[c].backend],
+                                                               strict=True))}
+                  for c in cells},
         "notes": notes,
         "processes": pids,
         "summary": summary,
@@ -1018,16 +1311,22 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="bench.py",
         description="Benchmark modelgate against direct calls and nginx on this machine. "
         "`bench.py loadgen --help`: the open-loop generator alone; `bench.py profile --help`: "
-        "modelgate under load, sampled by py-spy.",
+        "modelgate under load, sampled by py-spy; `bench.py compare A.json B.json`: two "
+        "--json reports side by side.",
     )
     p.add_argument("--rate", type=float, default=1000.0, help="open-loop req/s (default 1000)")
     p.add_argument("--seconds", type=float, default=10.0, help="open-loop seconds (default 10)")
     p.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds before each "
                    "open-loop run (default 1)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
-    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+    p.add_argument("--targets", default=None,
                    help=f"comma-separated, from {','.join(TARGETS)} "
-                   f"(default {','.join(DEFAULT_TARGETS)})")
+                   f"(default {','.join(DEFAULT_TARGETS)}; with --cells: direct,nginx)")
+    p.add_argument("--cells", default="",
+                   help="comma-separated budget cells, each a gateway configuration measured "
+                   "beside direct and nginx on its own backend: "
+                   + "; ".join(f"{c.name}: {c.description}" for c in CELLS.values())
+                   .replace("%", "%%"))
     p.add_argument("--connections", type=int, default=256,
                    help="open-loop connection cap (default 256)")
     p.add_argument("--closed-seconds", type=float, default=5.0,
@@ -1166,6 +1465,105 @@ def profile_main(argv: Sequence[str]) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Comparing two reports (two commits, or before and after a change).
+
+# (summary key, column title, digits): the figures compared per target, B / A.
+COMPARED = (
+    ("p99", "p99 ms", 3),
+    ("added_p99", "+p99 ms", 3),
+    ("open_cpu_us", "cpu µs @rate", 0),
+    ("closed_rps", "max req/s", 0),
+    ("x_nginx", "× nginx", 2),
+    ("closed_cpu_us", "cpu µs @max", 0),
+    ("peak_rss_mb", "peak MB", 1),
+)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
+
+
+def compare_reports(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per target (cell) in both reports' summaries, in A's order: each COMPARED figure as
+    {"a", "b", "ratio": b / a} (nan where either is missing or a is 0), and the errors of
+    both. Ratios of added latency are only as steady as the differences they divide."""
+    rows = []
+    for name, row_a in a.get("summary", {}).items():
+        row_b = b.get("summary", {}).get(name)
+        if row_b is None:
+            continue
+        out: dict[str, Any] = {"target": name}
+        for key, _, _ in COMPARED:
+            va, vb = _number(row_a.get(key)), _number(row_b.get(key))
+            ratio = vb / va if va and not math.isnan(va) and not math.isnan(vb) else math.nan
+            out[key] = {"a": va, "b": vb, "ratio": ratio}
+        out["errors"] = {side: int(_number(r.get("errors", 0)) + _number(r.get("closed_errors", 0)))
+                         for side, r in (("a", row_a), ("b", row_b))}
+        rows.append(out)
+    return rows
+
+
+def _load_report(path: str) -> dict[str, Any]:
+    try:
+        report = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise BenchError(f"{path}: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise BenchError(f"{path}: not JSON ({exc})") from exc
+    if not isinstance(report, dict) or not isinstance(report.get("summary"), dict):
+        raise BenchError(f"{path}: not a bench.py --json report (no summary)")
+    return report
+
+
+def _describe(report: dict[str, Any]) -> str:
+    env = report.get("environment", {})
+    git = env.get("git") or {}
+    commit = (git.get("commit") or "?")[:10] + (" (dirty)" if git.get("dirty") else "")
+    load = env.get("loadavg") or [math.nan]
+    return f"{commit}, {env.get('time', '?')}, load {_number(load[0]):.2f}, {env.get('cpus')} CPUs"
+
+
+def compare_main(argv: Sequence[str]) -> int:
+    """`bench.py compare A.json B.json`: per cell, B's figures as a ratio of A's."""
+    p = argparse.ArgumentParser(prog="bench.py compare",
+                                description="Two bench.py --json reports side by side: per "
+                                "target or cell, B / A for each figure.")
+    p.add_argument("a", metavar="A.json")
+    p.add_argument("b", metavar="B.json")
+    args = p.parse_args(argv)
+    try:
+        a, b = _load_report(args.a), _load_report(args.b)
+    except BenchError as exc:
+        print(f"bench.py compare: {exc}", file=sys.stderr)
+        return 2
+    rows = compare_reports(a, b)
+    print(f"A: {args.a}: {_describe(a)}")
+    print(f"B: {args.b}: {_describe(b)}")
+    if not rows:
+        print("no target or cell in both reports")
+        return 1
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="B / A per figure (A → B); < 1 is less of it in B", title_justify="left")
+    table.add_column("target")
+    for _, title, _ in COMPARED:
+        table.add_column(title, justify="right")
+    table.add_column("errors A → B", justify="right")
+    for row in rows:
+        cells = []
+        for key, _, digits in COMPARED:
+            fig = row[key]
+            cells.append(f"{_fmt(fig['a'], digits)} → {_fmt(fig['b'], digits)} "
+                         f"({_fmt(fig['ratio'], 2)}×)")
+        table.add_row(row["target"], *cells, f"{row['errors']['a']} → {row['errors']['b']}")
+    Console(width=240).print(table)
+    print("Machines differ and so do minutes: compare reports from the same machine, and "
+          "read the ratios against each report's own direct and nginx rows.")
+    return 0
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """SIGTERM unwinds like Ctrl-C, so the finally blocks stop every child."""
@@ -1185,6 +1583,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return loadgen_main(argv[1:])
     if argv[:1] == ["profile"]:
         return profile_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     args = parse_args(argv)
     try:
         with sigterm_as_interrupt():

@@ -70,27 +70,7 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def start_redis(procs: bench.Processes) -> tuple[bench.Proc, int]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise bench.BenchError("redis-server not found (apt-get install redis-server)")
-    port = bench.free_port()
-    proc = procs.start("redis", [binary, "--port", str(port), "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no",
-                                 "--dir", str(procs.workdir)], None)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(64).startswith(b"+PONG"):
-                    return proc, port
-        except OSError:
-            pass
-        if proc.popen.poll() is not None:
-            break
-        time.sleep(0.05)
-    raise bench.BenchError(f"redis-server did not start:\n{proc.log_tail()}")
+start_redis = bench.start_redis  # a redis-server on a free port, stopped by PID
 
 
 def start_gateway(procs: bench.Processes, workers: int, backend_port: int,
