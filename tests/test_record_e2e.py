@@ -154,6 +154,8 @@ async def test_record_and_replay_commands(blue: ModelServer, green: ModelServer,
         await wait_for(running, message="the record command to start a recording")
         await send_all(gw, batches(seed=5, n=40))
         assert await asyncio.wait_for(command, 20) == 0
+        # Downloaded, so discarded on the gateway (it holds real traffic): no --keep.
+        assert (await gw.admin.get("/admin/recordings")).json() == {"recordings": []}
     printed = capsys.readouterr()
     assert "recording" in printed.err and "captured" in printed.err
     assert f"30 exchanges (0 dropped, ended by max_requests) written to {out}" in printed.out
@@ -194,7 +196,7 @@ async def test_ctrl_c_stops_the_recording_and_still_downloads(
 
         monkeypatch.setattr("gateway.cli.record._pause", pause)
         code = await asyncio.to_thread(main, [
-            "record", "classifier", "--duration", "10m", "-o", str(out),
+            "record", "classifier", "--duration", "10m", "-o", str(out), "--keep",
             "--admin", gw.admin_url, "--token", TOKEN])
         assert code == 0 and pauses == 1
         listed = (await gw.admin.get("/admin/recordings")).json()["recordings"]

@@ -61,6 +61,7 @@ class RecordingSpec:
     max_bytes: int = DEFAULT_MAX_BYTES
     redact_headers: tuple[str, ...] = ()
     redact_json_fields: tuple[str, ...] = ()
+    redact_query_params: tuple[str, ...] = ()
 
 
 class Recording:
@@ -70,7 +71,8 @@ class Recording:
         self.id = secrets.token_hex(8)
         self.route = route
         self.spec = spec
-        self.redaction = Redaction.of(spec.redact_headers, spec.redact_json_fields)
+        self.redaction = Redaction.of(spec.redact_headers, spec.redact_json_fields,
+                                      spec.redact_query_params)
         self.started = now
         self.deadline = time.monotonic() + spec.duration
         self.ended: float | None = None
@@ -131,6 +133,7 @@ class Recording:
             "max_requests": spec.max_requests, "max_bytes": spec.max_bytes,
             "redact_headers": sorted(self.redaction.headers),
             "redact_json_fields": sorted(self.redaction.json_fields),
+            "redact_query_params": sorted(self.redaction.query),
             "captured": self.captured, "dropped": self.dropped,
             "queued": self.queue.qsize(), "bytes": self.bytes,
             "compressed_bytes": self.compressed,
@@ -301,6 +304,7 @@ class Recordings:
         except Exception:  # a bug must not end the recording silently: count the exchange
             log.exception("recording %s could not encode an exchange", rec.id)
             rec.dropped += 1
+            rec.accepted -= 1  # not captured: max_requests counts captured exchanges
             return True
         if rec.bytes + len(data) > rec.spec.max_bytes:
             rec.stop_reason = "max_bytes"
