@@ -168,7 +168,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started", "framed", "rules_at", "retried")
+                 "started", "framed", "rules_at", "retried", "sampled")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -181,6 +181,7 @@ class Plan:
     framed: bool  # `headers` carry the client's Content-Length
     rules_at: int  # >= 0: the route's rules from this one on need the body (`body_rules`)
     retried: int  # what `resilience.retry.retry` did for it (RETRIED_URL | FELL_BACK)
+    sampled: bool | None  # the route's body sample (`CompiledRoute.sampled`): False, no bodies
 
 
 class Resume:
@@ -460,6 +461,7 @@ class Proxy:
         plan.framed = framed
         plan.rules_at = rules_at
         plan.retried = 0
+        plan.sampled = route.sampled(key) if route.body_sample is not None else None
         return plan
 
     @staticmethod
@@ -510,7 +512,7 @@ class Proxy:
                 body = payload
             elif body_in is None:
                 body = None
-            elif route.needs_request_body or (
+            elif (route.needs_request_body and plan.sampled is not False) or (
                 length is not None and length <= BUFFER_REQUEST_UP_TO
             ):
                 try:
@@ -639,6 +641,7 @@ class Proxy:
         exchange.status = status
         exchange.started = plan.started
         exchange.response_headers = response_headers
+        exchange.sampled = plan.sampled
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
@@ -744,7 +747,8 @@ class Proxy:
         if not framed:  # close-delimited from the backend: chunked to the client
             headers.append((b"Transfer-Encoding", b"chunked"))
         capture: list[bytes] | None = (
-            [] if exchange is not None and route.needs_response_body else None
+            [] if exchange is not None and route.needs_response_body
+            and exchange.sampled is not False else None
         )
         captured = 0
         # Chunked answers (token streams) are measured; a meter only looks at a chunk after
