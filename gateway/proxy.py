@@ -33,6 +33,7 @@ from gateway.metrics import BackendStats, Recorder
 from gateway.resilience.limits import Gate, admit, force, leave
 from gateway.resilience.retry import may_resend, retry
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
+from gateway.rules import RULED_ERRORS, RULED_REQUESTS
 from gateway.streaming import StreamMeter, is_event_stream
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
@@ -168,7 +169,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started", "framed", "rules_at", "retried", "sampled")
+                 "started", "framed", "rules_at", "retried", "sampled", "ruled")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -182,6 +183,7 @@ class Plan:
     rules_at: int  # >= 0: the route's rules from this one on need the body (`body_rules`)
     retried: int  # what `resilience.retry.retry` did for it (RETRIED_URL | FELL_BACK)
     sampled: bool | None  # the route's body sample (`CompiledRoute.sampled`): False, no bodies
+    ruled: bool  # a match rule chose the backend (kept out of the sequential test)
 
 
 class Resume:
@@ -429,12 +431,14 @@ class Proxy:
             override = _text(raw) if raw is not None else None
         backend = route.pick(key, override)
         rules_at = -1
+        ruled = False
         if route.rules is not None and backend.name != override:  # rules before the split
             hit = route.rules.pick(request.headers, target, query_at)
             if isinstance(hit, int):
                 rules_at = hit
             elif hit is not None:
                 backend = hit
+                ruled = True
 
         peer = request.peer.encode()
         out.append((b"X-Forwarded-For",
@@ -461,6 +465,7 @@ class Proxy:
         plan.framed = framed
         plan.rules_at = rules_at
         plan.retried = 0
+        plan.ruled = ruled
         plan.sampled = route.sampled(key) if route.body_sample is not None else None
         return plan
 
@@ -476,6 +481,7 @@ class Proxy:
         if hit is not None and not isinstance(hit, int):
             plan.backend = hit
             plan.upstream = hit.upstream()
+            plan.ruled = True
 
     async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
                       resp: UpstreamResponse | None = None, sent: float = 0.0,
@@ -659,6 +665,9 @@ class Proxy:
         if status and counted:
             backend = plan.backend
             backend.stats.observe(status, latency)
+            if plan.ruled:
+                backend.stats.add_many(((RULED_REQUESTS, 1.0),
+                                        (RULED_ERRORS, 1.0 if status >= 500 else 0.0)))
             if backend.budget is not None:
                 backend.budget.note_request(plan.started)
         if exchange is not None:

@@ -45,6 +45,7 @@ from gateway.rollout.simulation import (
     simulate_sequential,
     simulate_shipped,
 )
+from gateway.rules import RULED_ERRORS, RULED_REQUESTS
 
 ALPHA = 0.05
 
@@ -165,6 +166,20 @@ def test_sequential_check_feeds_errors_and_latency() -> None:
     assert by[ERRORS].candidate == Counts(50, 2) and by[ERRORS].live == Counts(450, 0)
     assert by[LATENCY].candidate == Counts(50, 5)
     assert by[LATENCY].alpha_worse == ALPHA / 2
+
+
+def test_rule_routed_requests_are_left_out_of_the_error_test() -> None:
+    """Review finding 2: a rule picks a segment (a tenant), not a random share of users, so
+    its requests must not count as evidence: 40 of the candidate's requests, all 30 of its
+    errors, came through a rule."""
+    cand = window(100, errors=30)
+    cand.counters.update({RULED_REQUESTS: 40.0, RULED_ERRORS: 30.0})
+    result = sequential_check(PLAN.analysis, Evidence(), cand, window(900, errors=9))
+    metric = result.evidence.metrics[ERRORS]
+    assert (metric.cand, metric.live) == (Counts(60, 0), Counts(900, 9))
+    assert result.verdict != WORSE
+    assert sequential_check(PLAN.analysis, Evidence(), window(100, errors=30),
+                            window(900, errors=9)).verdict == WORSE  # unruled: worse
 
 
 def test_meter_batches_count_each_request_once() -> None:
