@@ -36,6 +36,7 @@ from gateway.rollout.sequential import (
     WORSE,
     Counts,
     Evidence,
+    MetricEvidence,
     decide,
 )
 
@@ -209,6 +210,37 @@ def simulate_fixed(sc: Scenario, runs: int, seed: int, gates: Gates,
     return summarize([run_fixed(rng, sc, gates, failure_threshold) for _ in range(runs)])
 
 
+def simulate_clustered(runs: int, seed: int, *, users: int = 500, bad_share: float = 0.01,
+                       bad_rate: float = 0.5, rate: float = 0.01, weight: float = 0.1,
+                       per_check: int = 100, checks: int = 200, alpha: float = 0.05) -> float:
+    """The share of equal candidates the "worse" test flags when errors cluster by user:
+    `bad_share` of `users` fail at `bad_rate`, the rest at `rate`, on either backend; each
+    user is sticky on one side (the candidate's with probability `weight`). The test assumes
+    independent requests; this measures what clustering costs (README, docs/ARCHITECTURE.md)."""
+    rng = random.Random(seed)
+    fired = 0
+    for _ in range(runs):
+        rates = [bad_rate if rng.random() < bad_share else rate for _ in range(users)]
+        on_cand = [rng.random() < weight for _ in range(users)]
+        evidence = MetricEvidence()
+        for _ in range(checks):
+            n1 = x1 = n0 = x0 = 0
+            for _ in range(per_check):
+                u = rng.randrange(users)
+                failed = rng.random() < rates[u]
+                if on_cand[u]:
+                    n1 += 1
+                    x1 += failed
+                else:
+                    n0 += 1
+                    x0 += failed
+            evidence = evidence.update(Counts(n1, x1), Counts(n0, x0), 0.01)
+            if evidence.max_worse >= 1.0 / alpha:
+                fired += 1
+                break
+    return fired / runs
+
+
 FIXED_ARMS: tuple[tuple[str, Gates], ...] = (
     ("fixed: max_error_rate_ratio 1.5", Gates(max_error_rate=1.0, max_error_rate_ratio=1.5,
                                               min_requests=50)),
@@ -260,7 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--margin", type=float, action="append",
                         help="a sequential arm's margin (repeatable; default 0.01 and 0.02)")
     parser.add_argument("--live-rate", type=float, default=0.02)
+    parser.add_argument("--clustered", action="store_true",
+                        help="instead: equal candidates flagged worse when errors cluster by "
+                             "user (300 rollouts each; the figures README quotes)")
     args = parser.parse_args(argv)
+    if args.clustered:
+        for name, kwargs in (("1% of 500 users at 50% errors", {}),
+                             ("1% of 5,000 users at 50% errors", {"users": 5000}),
+                             ("no clustering", {"bad_share": 0.0})):
+            share = simulate_clustered(300, args.seed + 2, alpha=args.alpha,
+                                       **kwargs)
+            print(f"{name}: {share:.1%} of equal candidates flagged worse")
+        return 0
     margins = tuple(args.margin) if args.margin else (0.01, 0.02)
     print(table(args.runs, args.seed, args.alpha, margins, args.live_rate))
     return 0
