@@ -33,6 +33,7 @@ from gateway.metrics import BackendStats, Recorder
 from gateway.resilience.limits import Gate, admit, force, leave
 from gateway.resilience.retry import may_resend, retry
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
+from gateway.rules import RULED_ERRORS, RULED_REQUESTS
 from gateway.streaming import StreamMeter, is_event_stream
 from gateway.upstream import HOP_BY_HOP, Headers, Upstream, UpstreamResponse
 
@@ -168,7 +169,7 @@ class Plan:
     forward (with X-Forwarded-* and X-Request-ID), the id and the sticky key."""
 
     __slots__ = ("route", "backend", "upstream", "headers", "rid", "request_id", "key", "path",
-                 "started", "framed", "rules_at", "retried")
+                 "started", "framed", "rules_at", "retried", "sampled", "ruled")
     route: CompiledRoute
     backend: Backend
     upstream: Upstream  # picked once: a request handed from the fast path keeps it
@@ -181,6 +182,8 @@ class Plan:
     framed: bool  # `headers` carry the client's Content-Length
     rules_at: int  # >= 0: the route's rules from this one on need the body (`body_rules`)
     retried: int  # what `resilience.retry.retry` did for it (RETRIED_URL | FELL_BACK)
+    sampled: bool | None  # the route's body sample (`CompiledRoute.sampled`): False, no bodies
+    ruled: bool  # a match rule chose the backend (kept out of the sequential test)
 
 
 class Resume:
@@ -428,12 +431,14 @@ class Proxy:
             override = _text(raw) if raw is not None else None
         backend = route.pick(key, override)
         rules_at = -1
+        ruled = False
         if route.rules is not None and backend.name != override:  # rules before the split
             hit = route.rules.pick(request.headers, target, query_at)
             if isinstance(hit, int):
                 rules_at = hit
             elif hit is not None:
                 backend = hit
+                ruled = True
 
         peer = request.peer.encode()
         out.append((b"X-Forwarded-For",
@@ -460,6 +465,8 @@ class Proxy:
         plan.framed = framed
         plan.rules_at = rules_at
         plan.retried = 0
+        plan.ruled = ruled
+        plan.sampled = route.sampled(key) if route.body_sample is not None else None
         return plan
 
     @staticmethod
@@ -474,6 +481,7 @@ class Proxy:
         if hit is not None and not isinstance(hit, int):
             plan.backend = hit
             plan.upstream = hit.upstream()
+            plan.ruled = True
 
     async def forward(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
                       resp: UpstreamResponse | None = None, sent: float = 0.0,
@@ -510,7 +518,7 @@ class Proxy:
                 body = payload
             elif body_in is None:
                 body = None
-            elif route.needs_request_body or (
+            elif (route.needs_request_body and plan.sampled is not False) or (
                 length is not None and length <= BUFFER_REQUEST_UP_TO
             ):
                 try:
@@ -639,6 +647,7 @@ class Proxy:
         exchange.status = status
         exchange.started = plan.started
         exchange.response_headers = response_headers
+        exchange.sampled = plan.sampled
         return exchange
 
     def finished(self, plan: Plan, request: ProxyRequest, status: int,
@@ -656,6 +665,9 @@ class Proxy:
         if status and counted:
             backend = plan.backend
             backend.stats.observe(status, latency)
+            if plan.ruled:
+                backend.stats.add_many(((RULED_REQUESTS, 1.0),
+                                        (RULED_ERRORS, 1.0 if status >= 500 else 0.0)))
             if backend.budget is not None:
                 backend.budget.note_request(plan.started)
         if exchange is not None:
@@ -744,7 +756,8 @@ class Proxy:
         if not framed:  # close-delimited from the backend: chunked to the client
             headers.append((b"Transfer-Encoding", b"chunked"))
         capture: list[bytes] | None = (
-            [] if exchange is not None and route.needs_response_body else None
+            [] if exchange is not None and route.needs_response_body
+            and exchange.sampled is not False else None
         )
         captured = 0
         # Chunked answers (token streams) are measured; a meter only looks at a chunk after

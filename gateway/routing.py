@@ -131,7 +131,7 @@ class Exchange:
     __slots__ = (
         "route", "backend", "request_id", "method", "target", "request_headers",
         "request_body", "sticky_key", "status", "response_headers", "response_body",
-        "latency", "started",
+        "latency", "started", "sampled",
     )
     route: str
     backend: str
@@ -148,10 +148,18 @@ class Exchange:
         self.response_body: bytes | None = None
         self.response_headers: Headers = []
         self.sticky_key: str | None = None
+        # The route's body sample as decided when the request was planned (`CompiledRoute.
+        # sampled`): False means no body was kept; None means no such decision was made.
+        self.sampled: bool | None = None
 
 
 class Tap(Protocol):
-    """Something that looks at finished exchanges; must return at once (queue, don't await)."""
+    """Something that looks at finished exchanges; must return at once (queue, don't await).
+
+    A tap that wants bodies only for a sample of requests may have a `body_sample` attribute
+    (its `in_sample` threshold and salt; optional, read with getattr): when it is the
+    route's only tap that needs bodies, the proxy decides the sample when it plans the
+    request and buffers bodies for those alone (`Exchange.sampled`)."""
 
     needs_request_body: bool
     needs_response_body: bool
@@ -180,7 +188,7 @@ class CompiledRoute:
         "name", "prefix", "host", "static", "state", "live", "canary", "canary_threshold",
         "sticky", "sticky_name", "override_header", "override_name", "timeouts", "max_body",
         "taps", "needs_request_body", "needs_response_body", "rules", "fallback", "gate",
-        "retry_safe",
+        "retry_safe", "body_sample",
     )
 
     def __init__(self, static: StaticRoute, state: RouteState, taps: tuple[Tap, ...]) -> None:
@@ -207,10 +215,22 @@ class CompiledRoute:
         self.needs_request_body = (any(t.needs_request_body for t in taps)
                                    or (self.rules is not None and self.rules.needs_body))
         self.needs_response_body = any(t.needs_response_body for t in taps)
+        # One sampling tap alone needs bodies (a recording at 5 %): decided per request.
+        body_taps = [t for t in taps if t.needs_request_body or t.needs_response_body]
+        body_rules = self.rules is not None and self.rules.needs_body
+        self.body_sample: tuple[int, bytes] | None = (
+            getattr(body_taps[0], "body_sample", None)
+            if len(body_taps) == 1 and not body_rules else None)
         # A failed canary request may be retried on live (and a canary is there to fail).
         self.fallback = cfg.fallback and self.canary is not None
         self.gate = static.gate
         self.retry_safe = cfg.side_effect_free  # a reset request may go to another URL
+
+    def sampled(self, key: str | None) -> bool | None:
+        """Whether to keep this request's bodies for the route's sampling tap (None: the
+        route has no such decision to make; bodies are kept whenever a tap needs them)."""
+        sample = self.body_sample
+        return None if sample is None else in_sample(sample[0], sample[1], key)
 
     def matches(self, host: str | None, path: str) -> bool:
         if self.host is not None and (host or "").split(":", 1)[0].lower() != self.host:

@@ -48,6 +48,12 @@ from gateway.metrics import BackendStats
 from gateway.schema import MODEL, LowerText, Name, Text, problem, typed, unknown_backend
 from gateway.state import RULE_OPS, RULE_SOURCES, Rule
 
+# Requests a rule routed, and of them errors (>= 500): slot counters of the target's
+# `BackendStats`, so the sequential test can leave rule-routed traffic out (a segment picked
+# by a rule is no random sample: gateway.rollout.analysis.sequential_check).
+RULED_REQUESTS = "ruled:requests"
+RULED_ERRORS = "ruled:errors"
+
 MAX_RULES = 64  # per route: every request of the route may walk them all
 MAX_ONE_OF = 1000
 MAX_VALUE = 1024  # characters of a value or a pattern

@@ -5,13 +5,14 @@ to a `StreamMeter`, which never holds a chunk back: it notes the time the chunk 
 for ``text/event-stream``, finds where events end. Per exchange it measures
 
 - time to first byte (TTFB): from the request sent to the first body chunk;
-- time to first event (TTFT): to the first complete event that is not a comment;
+- time to first event (TTFT): to the first complete event with data (SSE dispatches
+  nothing else), counted when that event arrives, not when the stream ends;
 - the events, the gaps between consecutive events and the first-to-last-event span
   (events per second = gaps / span);
 - token counts from an event carrying OpenAI-style ``usage`` (only an event containing
   ``"usage"`` is JSON-parsed).
 
-At the end of the stream the numbers go to the backend's `StreamStats` (cumulative:
+At the end of the stream the other numbers go to the backend's `StreamStats` (cumulative:
 Prometheus) and into its one-second slots as named counters (`COUNTERS`, ``ttft:<bucket>``):
 windows, the rollout gates, the dashboard and the cluster sums (gateway.cluster.metrics
 publishes slot counters as they are) read them with the code they already have, and the TTFT
@@ -82,11 +83,13 @@ def is_event_stream(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 def _is_event(block: bytes) -> bool:
-    """A blank-line-terminated block (LF line ends) holds an event unless every line in it is
-    a comment (``:...``) or empty."""
-    if block[:1] not in (b":", b"\n", b""):
+    """Whether a blank-line-terminated block (LF line ends) is dispatched as an event: per
+    the SSE spec only a block with a ``data`` field is (``data:…`` or a bare ``data`` line);
+    one of only ``retry:``, ``event:``, ``id:`` or comments sets state and dispatches
+    nothing, so it is no first token."""
+    if block.startswith(b"data") and block[4:5] in (b":", b"\n", b""):
         return True
-    return any(line and line[:1] != b":" for line in block.split(b"\n"))
+    return b"\ndata:" in block or block.endswith(b"\ndata") or b"\ndata\n" in block
 
 
 def usage_of(event: bytes) -> tuple[int, int] | None:
@@ -131,7 +134,9 @@ class SseScanner:
         if len(rest) > MAX_EVENT:
             # Too long to keep: remember only whether it is an event so far and whether it
             # ends a line; the rest of it is counted, not parsed.
-            rest = (b"x" if _is_event(rest) else b":") + (b"\n" if rest[-1:] == b"\n" else b"")
+            # (The NUL after "data:" keeps the tail from ever being parsed as JSON.)
+            rest = (b"data:\0" if _is_event(rest) else b":") + (b"\n" if rest[-1:] == b"\n"
+                                                                else b"")
         self._pending = rest + b"\r" if carry_cr else rest
         return [b for b in blocks if b and _is_event(b)]
 
@@ -170,6 +175,13 @@ class StreamMeter:
         gap_hist = stats.gap_hist
         if self.first_event is None:
             self.first_event = arrived
+            # TTFT goes into the window of its first event, not of the stream's end: a long
+            # answer or a hanging stream must not delay (or hide from) the TTFT gates.
+            ttft = arrived - self.sent
+            i = bisect.bisect_left(FINE_BOUNDS, ttft)
+            stats.ttft_hist[i] += 1
+            stats.ttft_sum += ttft
+            self.counters.add_many(((TTFT_KEYS[i], 1.0),))
         else:
             gap = arrived - self.last_event
             gap_hist[bisect.bisect_left(FINE_BOUNDS, gap)] += 1
@@ -194,14 +206,9 @@ class StreamMeter:
         stats.ttfb_hist[bisect.bisect_left(FINE_BOUNDS, ttfb)] += 1
         stats.ttfb_sum += ttfb
         items: list[tuple[str, float]] = [(STREAMS, 1.0)]
-        if self.first_event is not None:
-            ttft = self.first_event - self.sent
-            i = bisect.bisect_left(FINE_BOUNDS, ttft)
-            stats.ttft_hist[i] += 1
-            stats.ttft_sum += ttft
+        if self.first_event is not None:  # its TTFT was counted at the first event
             stats.events += self.events
-            items += ((TTFT_KEYS[i], 1.0), (EVENTS, float(self.events)),
-                      (SPAN, self.last_event - self.first_event))
+            items += ((EVENTS, float(self.events)), (SPAN, self.last_event - self.first_event))
         if self.usage is not None:
             prompt, completion = self.usage
             stats.prompt_tokens += prompt
@@ -278,11 +285,11 @@ def families(all_stats: Iterable[HasStream]) -> Iterator[Metric]:
         labels=["route", "backend", "kind"])
     for stats in all_stats:
         s = stats.stream
-        if not s.streams:
+        if not s.streams and not any(s.ttft_hist):  # (a first stream may not have ended)
             continue
         labels = [stats.route, stats.backend]
         ttfb.add_metric(labels, prom_buckets(s.ttfb_hist), s.ttfb_sum)
-        if s.events:
+        if any(s.ttft_hist):
             ttft.add_metric(labels, prom_buckets(s.ttft_hist), s.ttft_sum)
             gap.add_metric(labels, prom_buckets(s.gap_hist), s.gap_sum)
             events.add_metric(labels, s.events)

@@ -47,6 +47,7 @@ BAD_BODIES: list[tuple[Any, str]] = [
     ({"duration_s": 60, "max_bytes": 10}, "max_bytes: must be at least 1KiB"),
     ({"duration_s": 60, "redact_headers": ["bad header"]}, "redact_headers[0]: not a header name"),
     ({"duration_s": 60, "redact_json_fields": "id"}, "redact_json_fields"),
+    ({"duration_s": 60, "redact_query_params": [""]}, "redact_query_params[0]"),
     ({"duration_s": 60, "colour": "red"}, "unknown field 'colour'"),
     ([1], "body must be a JSON object"),
 ]
@@ -94,12 +95,22 @@ async def test_unknown_route_id_conflicts_and_roles(blue: ModelServer,
         r = await gw.admin.delete(f"/admin/recordings/{rid}")
         view = r.json()
         assert (view["state"], view["stop_reason"], view["captured"]) == ("done", "stopped", 3)
+        r = await gw.admin.get(f"/admin/recordings/{rid}/download", headers=viewer)
+        assert r.status_code == 403 and "operator token" in r.json()["message"]  # traffic
         r = await gw.admin.get(f"/admin/recordings/{rid}/download")
         assert len(gzip.decompress(r.content).splitlines()) == 3
         assert gw.gateway.table.by_name["classifier"].taps == ()
         # DELETE on a finished recording discards it.
         assert (await gw.admin.delete(f"/admin/recordings/{rid}")).status_code == 200
         assert (await gw.admin.get(f"/admin/recordings/{rid}")).status_code == 404
+        # Start, stop and discard are audit events with their actor, like other changes.
+        events = (await gw.admin.get("/admin/events", params={"route": "classifier"})
+                  ).json()["events"]
+        mine = [(e["action"], e["after"]["id"], e["after"].get("captured")) for e in events
+                if e["action"].startswith("recording_")]
+        assert sorted(mine) == sorted([("recording_start", rid, 0), ("recording_stop", rid, 3),
+                                       ("recording_discard", rid, 3)])
+        assert all(e["actor"] != "" for e in events if e["action"].startswith("recording_"))
 
 
 async def test_limits_end_recordings_with_their_reason(blue: ModelServer,

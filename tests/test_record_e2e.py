@@ -16,8 +16,10 @@ import orjson
 import pytest
 
 from gateway.cli import main
+from gateway.record.component import RecordTap
 from gateway.record.format import REDACTED, Captured, read_recording
 from gateway.record.replay import replay
+from gateway.routing import Exchange, in_sample, threshold
 from gateway.shadow.compare import Comparator, judge
 from gateway.shadow.config import CompareConfig
 from gateway.shadow.stats import Tally
@@ -154,6 +156,8 @@ async def test_record_and_replay_commands(blue: ModelServer, green: ModelServer,
         await wait_for(running, message="the record command to start a recording")
         await send_all(gw, batches(seed=5, n=40))
         assert await asyncio.wait_for(command, 20) == 0
+        # Downloaded, so discarded on the gateway (it holds real traffic): no --keep.
+        assert (await gw.admin.get("/admin/recordings")).json() == {"recordings": []}
     printed = capsys.readouterr()
     assert "recording" in printed.err and "captured" in printed.err
     assert f"30 exchanges (0 dropped, ended by max_requests) written to {out}" in printed.out
@@ -194,10 +198,51 @@ async def test_ctrl_c_stops_the_recording_and_still_downloads(
 
         monkeypatch.setattr("gateway.cli.record._pause", pause)
         code = await asyncio.to_thread(main, [
-            "record", "classifier", "--duration", "10m", "-o", str(out),
+            "record", "classifier", "--duration", "10m", "-o", str(out), "--keep",
             "--admin", gw.admin_url, "--token", TOKEN])
         assert code == 0 and pauses == 1
         listed = (await gw.admin.get("/admin/recordings")).json()["recordings"]
         assert [(v["state"], v["stop_reason"]) for v in listed] == [("done", "stopped")]
     assert "stopping" in capsys.readouterr().err
     assert len(list(read_recording(out))) == 4
+
+
+async def test_only_sampled_streams_are_captured_and_their_content_redacted(
+        blue: ModelServer, green: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review findings 5 and 3 over real sockets: at a 30 % recording the sample is decided
+    when the request is planned, so the other streamed answers are never copied; the
+    recorded streams have `content` redacted in every SSE data line."""
+    seen: list[tuple[str | None, bool | None, bool]] = []
+    real_call = RecordTap.__call__
+
+    def spy(self: RecordTap, exchange: Exchange) -> None:
+        seen.append((exchange.sticky_key, exchange.sampled, exchange.response_body is not None))
+        real_call(self, exchange)
+
+    monkeypatch.setattr(RecordTap, "__call__", spy)
+    config = classifier_config(blue.url, green.url, name="chat",
+                               match={"path_prefix": "/v1/chat"})
+    users = [f"u{i}" for i in range(24)]
+    async with running_gateway(config) as gw:
+        r = await gw.admin.post("/admin/routes/chat/recordings", json={
+            "duration_s": 60, "sample_percent": 30, "redact_json_fields": ["content"]})
+        rid = r.json()["id"]
+        for user in users:
+            r = await gw.client.post("/v1/chat/completions", headers={"x-user-id": user},
+                                     json={"model": "demo", "stream": True,
+                                           "stream_delay_ms": 0, "messages": [
+                                               {"role": "user", "content": "secret words"}]})
+            assert r.status_code == 200 and b"data: [DONE]" in r.content
+        await wait_for(lambda: len(seen) == len(users), message="every exchange tapped")
+        view = (await gw.admin.delete(f"/admin/recordings/{rid}")).json()
+        data = gzip.decompress((await gw.admin.get(f"/admin/recordings/{rid}/download")).content)
+    want = {u for u in users if in_sample(threshold(30), b"chat#record", u)}
+    assert 0 < len(want) < len(users)
+    assert {key for key, sampled, _ in seen if sampled} == want
+    assert all(sampled is not None and copied == sampled for _, sampled, copied in seen)
+    lines = [orjson.loads(raw) for raw in data.splitlines()]
+    assert view["captured"] == len(lines) == len(want)
+    assert {dict(map(tuple, doc["request_headers"]))["x-user-id"] for doc in lines} == want
+    for doc in lines:
+        assert "data: " in doc["response_body"] and "secret" not in doc["request_body"]
+        assert '"content":"[REDACTED]"' in doc["response_body"]

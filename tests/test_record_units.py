@@ -13,17 +13,19 @@ import httpx
 import orjson
 import pytest
 
-from gateway.record.component import QUEUE, Recording, RecordingSpec, RecordTap
+from gateway.record.component import QUEUE, Recording, Recordings, RecordingSpec, RecordTap
 from gateway.record.format import (
     REDACTED,
+    Captured,
     FormatError,
     Redaction,
     line,
     parse_line,
     read_recording,
     redact_body,
+    redact_target,
 )
-from gateway.record.replay import REPLAY_HEADER, replay, request_headers
+from gateway.record.replay import REPLAY_HEADER, replay, request_headers, send
 from gateway.routing import Exchange
 from gateway.shadow.compare import Comparator
 from gateway.shadow.config import CompareConfig
@@ -88,6 +90,60 @@ def test_json_fields_redacted_at_any_depth_other_bodies_kept() -> None:
     assert redact_body(b"not json email", frozenset({"email"})) == b"not json email"
     assert redact_body(body, frozenset()) is body
     assert redact_body(None, frozenset({"email"})) is None
+
+
+CHAT_SSE = (b'data: {"choices":[{"delta":{"content":"my SSN is 123"}}]}\n\n'
+            b'data: {"choices":[{"delta":{"content":" and more"}}],"id":"c1"}\r\n\r\n'
+            b": keep-alive\n\ndata: [DONE]\n\n")
+
+
+def test_streamed_answers_are_redacted_per_data_line() -> None:
+    """Review finding 3: `redact_json_fields: [content]` must not leave a streamed chat
+    answer in clear."""
+    out = redact_body(CHAT_SSE, frozenset({"content"}))
+    assert out is not None and b"SSN" not in out and b"and more" not in out
+    assert out.count(REDACTED.encode()) == 2
+    assert b": keep-alive\n\ndata: [DONE]\n\n" in out and b'"id":"c1"}\r\n\r\n' in out
+    doc = orjson.loads(one_line(
+        response_headers=[(b"Content-Type", b"text/event-stream")], response_body=CHAT_SSE,
+        redaction=Redaction.of(json_fields=["content"])))
+    assert "SSN" not in doc["response_body"]
+
+
+def test_encoded_bodies_are_dropped_not_kept_when_fields_are_redacted() -> None:
+    secret = gzip.compress(b'{"email": "a@b.c"}')
+    doc = orjson.loads(one_line(
+        response_headers=[(b"Content-Encoding", b"gzip")], response_body=secret,
+        request_headers=[], request_body=secret,  # gzip without the header: its magic
+        redaction=Redaction.of(json_fields=["email"])))
+    assert doc["response_body"] is None and doc["response_body_encoding"] is None
+    assert "content-encoding gzip cannot be redacted" in doc["response_body_dropped"]
+    assert doc["request_body"] is None and "request_body_dropped" in doc
+    assert parse_line(one_line(response_headers=[(b"Content-Encoding", b"br")],
+                               response_body=b"\x8b\x00",
+                               redaction=Redaction.of(json_fields=["email"]))
+                      ).response_body is None
+    # Nothing to redact in bodies: an encoded body is kept (base64), as before.
+    kept = parse_line(one_line(response_headers=[(b"Content-Encoding", b"gzip")],
+                               response_body=secret))
+    assert kept.response_body == secret
+
+
+def test_credential_headers_and_query_parameters_are_redacted_by_default() -> None:
+    doc = orjson.loads(one_line(
+        target="/infer?model=a&api_key=s3cr3t&Token=t&x=1&access%5Ftoken=z&key",
+        request_headers=[(b"X-Api-Key", b"k"), (b"api-key", b"k"),
+                         (b"X-Forwarded-For", b"203.0.113.9"), (b"X-Real-IP", b"1.2.3.4"),
+                         (b"X-Tenant", b"acme")]))
+    assert doc["target"] == ("/infer?model=a&api_key=%5BREDACTED%5D&Token=%5BREDACTED%5D&x=1"
+                             "&access%5Ftoken=%5BREDACTED%5D&key")
+    headers = dict(map(tuple, doc["request_headers"]))
+    assert headers == {"X-Api-Key": REDACTED, "api-key": REDACTED,
+                       "X-Forwarded-For": REDACTED, "X-Real-IP": REDACTED, "X-Tenant": "acme"}
+    assert redact_target("/p?model=a&tenant=b#f", Redaction.of(query=["TENANT"]).query) == \
+        "/p?model=a&tenant=%5BREDACTED%5D#f"
+    assert redact_target("/p", frozenset({"key"})) == "/p"
+    assert redact_target("/p?a=1", frozenset({"key"})) == "/p?a=1"
 
 
 def test_read_recording_gzip_or_plain_and_bad_lines_named(tmp_path: Path) -> None:
@@ -213,3 +269,44 @@ async def test_replay_paces_bounds_and_scores_like_shadow_mode() -> None:
     assert summary["confusion"] == {"setosa": {"setosa": 19}, "virginica": {"setosa": 19}}
     assert summary["latency"]["live"]["count"] == 20  # a 503 is an answer too, as in shadow
     assert summary["latency"]["live"]["p50"] >= 0.0123
+
+
+async def test_an_unsendable_request_scores_as_an_error_and_the_replay_goes_on() -> None:
+    """Review finding 4: a non-latin-1 header value makes httpx raise UnicodeEncodeError
+    (not an HTTPError); it must not kill the replay."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=KSERVE, headers={"content-type": "application/json"})
+
+    bad = Captured(0.0, "r", "blue", "id", "POST", "/x", [("x-name", "caf\u00e9\u20ac")],
+                   b"{}", 200, [], KSERVE, 1.0)
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+        answer = await send(client, "http://h", bad)
+    assert answer.status is None and answer.error == "unsendable: unicodeencodeerror"
+    good = parse_line(one_line())
+    tally = await replay([bad, good, bad, good], "http://candidate",
+                         Comparator(CompareConfig()), concurrency=2,
+                         transport=httpx.MockTransport(handler))
+    summary = tally.summary()
+    assert summary["mirrored"] == 4 and summary["shadow_errors"] == 2
+    assert summary["compared"] == 2 and summary["agree"] == 2
+
+
+async def test_an_exchange_that_fails_to_encode_does_not_use_up_max_requests(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review finding 8: max_requests counts captured exchanges; one the writer could not
+    encode is dropped and leaves room for another."""
+    rec = Recording("c", RecordingSpec(duration=60, max_requests=2), time.time())
+    tap = RecordTap(rec, b"c")
+    writer = Recordings.__new__(Recordings)  # only its writer step: no gateway needed
+    writer._captured = {}
+    broken = exchange(None)
+    broken.request_headers = [("not", "bytes")]  # type: ignore[list-item]
+    tap(broken)
+    assert writer._write(rec, rec.queue.get_nowait())
+    assert (rec.captured, rec.dropped, rec.accepted) == (0, 1, 0)
+    assert "could not encode" in caplog.text
+    for _ in range(3):
+        tap(exchange(None))
+    while not rec.queue.empty():
+        assert writer._write(rec, rec.queue.get_nowait())
+    assert (rec.captured, rec.dropped) == (2, 1)

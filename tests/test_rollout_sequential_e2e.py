@@ -85,6 +85,7 @@ async def test_candidate_with_errors_is_rolled_back_by_the_sequential_test(
         assert "sequential test: worse" in text
         assert f"{errors['candidate']['hits']} err / {errors['candidate']['requests']}" in text
         assert "p worse" in text and "rolled_back" in text
+        assert "assume independent requests" in " ".join(text.split())
         shown = json.loads(await status(gw.admin_url, "--json"))
         assert shown["last_check"]["sequential"] == seq
 

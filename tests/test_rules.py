@@ -21,7 +21,14 @@ from gateway.config import parse_config
 from gateway.errors import ConfigError
 from gateway.metrics import BackendStats
 from gateway.routing import Backend
-from gateway.rules import NOT_READ, RuleConfig, compile_rules, hit_totals
+from gateway.rules import (
+    NOT_READ,
+    RULED_ERRORS,
+    RULED_REQUESTS,
+    RuleConfig,
+    compile_rules,
+    hit_totals,
+)
 from gateway.schema import validate
 from gateway.state import RouteState, Rule
 from tests import helpers
@@ -367,6 +374,9 @@ async def test_acme_goes_to_green_at_weight_0_while_others_stay_sticky_on_their_
         metrics = (await gw.admin.get("/metrics")).text
         assert 'modelgate_rule_hits_total{route="classifier",rule="acme"} 11.0' in metrics
         assert 'modelgate_rule_hits_total{route="classifier",rule="variant"} 2.0' in metrics
+        ruled = {b: gw.gateway.recorder.stats(ROUTE, b).counter_totals.get(RULED_REQUESTS)
+                 for b in ("blue", "green", "purple")}
+        assert ruled == {"blue": None, "green": 12.0, "purple": 2.0}
 
         async def dashboard_hits() -> bool:  # whole seconds only: wait for the last one
             data = (await gw.admin.get("/admin/dashboard/data",
@@ -403,6 +413,10 @@ async def test_body_rules_on_small_chunked_and_non_json_bodies(
         r = await gw.client.get("/v2/models/classifier", headers={"x-user-id": "u"})
         assert r.status_code == 200 and r.headers["x-model-version"] == "v1"  # no body
         assert gw.gateway.recorder.stats(ROUTE, "green").counter_totals["rule:gold"] == 2
+        # Rule-routed requests are marked for the sequential test to leave out (both paths).
+        green = gw.gateway.recorder.stats(ROUTE, "green").counter_totals
+        assert (green[RULED_REQUESTS], green[RULED_ERRORS]) == (2, 0)
+        assert RULED_REQUESTS not in gw.gateway.recorder.stats(ROUTE, "blue").counter_totals
 
 
 # -- CLI -----------------------------------------------------------------------------------------

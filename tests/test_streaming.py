@@ -99,13 +99,56 @@ def test_comments_and_blank_blocks_are_no_events() -> None:
     assert scan(b"data: a\n\n\n\ndata: b\n\n") == [[b"data: a", b"data: b"]]
 
 
+def test_blocks_without_data_are_no_events() -> None:
+    """SSE dispatches only a block with a data field: a retry/event/id-only block is state,
+    not a first token (review finding 7)."""
+    assert scan(b"retry: 3000\n\nevent: ping\n\nid: 1\n\ndatabase: x\n\n") == [[]]
+    assert scan(b"data\n\n", b"data:\n\n") == [[b"data"], [b"data:"]]  # empty data counts
+    assert scan(b"retry: 10\nid: 2\ndata: x\n\n") == [[b"retry: 10\nid: 2\ndata: x"]]
+    assert scan(b"event: e\ndata\n\n") == [[b"event: e\ndata"]]
+
+
+def test_a_retry_preamble_is_not_the_first_token() -> None:
+    recorder = Recorder(clock=lambda: 100.0)
+    stats = recorder.stats("chat", "blue")
+    meter = StreamMeter(stats.stream, stats, sent=0.0, sse=True)
+    meter.chunk(b"retry: 1000\n\n", 0.001)
+    meter.chunk(b"data: tok\n\n", 2.0)
+    meter.finish()
+    assert stats.stream.ttft_sum == pytest.approx(2.0)
+    assert stats.stream.events == 1
+
+
+def test_ttft_lands_in_the_window_of_the_first_event_not_of_the_stream_end() -> None:
+    """A 60 s answer's first token at 0.5 s is in the window at 0.5 s (review finding 6);
+    a stream that hangs after its first event still shows its TTFT."""
+    now = [100.0]
+    recorder = Recorder(clock=lambda: now[0])
+    stats = recorder.stats("chat", "blue")
+    meter = StreamMeter(stats.stream, stats, sent=100.0, sse=True)
+    now[0] = 100.5
+    meter.chunk(b"data: first\n\n", 100.5)
+    first = stats.window(1, now=100.5).counters
+    assert first == {TTFT_KEYS[bucket(0.5)]: 1.0}
+    assert ttft_hist(first)[bucket(0.5)] == 1
+    names = {m.name for m in recorder.registry.collect()}
+    assert "modelgate_stream_ttft_seconds" in names  # before the stream ended
+    now[0] = 160.0
+    meter.chunk(b"data: last\n\n", 160.0)
+    meter.finish()
+    last = stats.window(1, now=160.0).counters
+    assert not any(k in last for k in TTFT_KEYS)  # counted once, at the first event
+    assert last[EVENTS] == 2 and last[SPAN] == pytest.approx(59.5)
+    assert sum(stats.stream.ttft_hist) == 1
+
+
 def test_a_huge_event_is_counted_without_being_kept() -> None:
     scanner = SseScanner()
     assert scanner.feed(b"data: " + b"x" * (MAX_EVENT + 10)) == []
     assert len(scanner._pending) < 10  # only a marker is left of it
     assert scanner.feed(b'"usage" more\n') == []
-    assert scanner.feed(b"\n: c\n\n") == [b"x\"usage\" more"]  # counted; too long to parse
-    assert usage_of(b"x\"usage\" more") is None
+    assert scanner.feed(b"\n: c\n\n") == [b"data:\0\"usage\" more"]  # counted, not parsed
+    assert usage_of(b"data:\0\"usage\" more") is None
     # A comment that grew too long stays a comment.
     assert scanner.feed(b": " + b"c" * (MAX_EVENT + 1)) == []
     assert scanner.feed(b"\n\n") == []

@@ -214,7 +214,8 @@ JsonField = Annotated[str, Field(min_length=1, max_length=256)]
 class RecordingStart:
     """``POST /admin/routes/{route}/recordings``: capture `sample_percent` of the route's
     exchanges for `duration_s` (or until `max_requests` or `max_bytes` of JSON lines).
-    Authorization, Proxy-Authorization, Cookie and Set-Cookie are always redacted."""
+    Credential and client-address headers (Authorization, Cookie, X-Api-Key, X-Forwarded-For
+    …) and credential query parameters are always redacted."""
 
     duration_s: Annotated[float, duration(1, MAX_DURATION), Field(
         description="how long, e.g. '10m' (1s to 24h)")]
@@ -227,6 +228,11 @@ class RecordingStart:
     redact_json_fields: Annotated[tuple[JsonField, ...], Field(
         max_length=MAX_REDACTIONS,
         description="JSON object keys blanked at any depth of request and response bodies")] \
+        = ()
+    redact_query_params: Annotated[tuple[JsonField, ...], Field(
+        max_length=MAX_REDACTIONS,
+        description="query parameters whose values are blanked in the target, beyond the "
+                    "defaults (api_key, key, token, access_token, password, signature …)")] \
         = ()
 
     @model_check(mode="after")

@@ -47,13 +47,19 @@ def register(sub: Any) -> None:
     p.add_argument("--max-bytes", default=None,
                    help="stop before this many JSON-lines bytes, e.g. 64MiB")
     p.add_argument("--redact-header", action="append", default=[], metavar="NAME",
-                   help="a header whose value is not kept (repeatable; Authorization, "
-                   "Proxy-Authorization, Cookie and Set-Cookie always are)")
+                   help="a header whose value is not kept (repeatable; Authorization, Cookie, "
+                   "X-Api-Key, X-Forwarded-For and other credentials always are)")
     p.add_argument("--redact-field", action="append", default=[], metavar="KEY",
                    help="a JSON key blanked at any depth of the bodies (repeatable)")
     p.add_argument("-o", "--output", type=Path, default=None,
                    help="file to write (default ROUTE-ID.jsonl.gz)")
+    p.add_argument("--redact-query", action="append", default=[], metavar="NAME",
+                   help="a query parameter whose value is blanked in the target (repeatable; "
+                   "api_key, key, token, access_token, password, signature … always are)")
     p.add_argument("--poll", type=float, default=1.0, help="seconds between progress updates")
+    p.add_argument("--keep", action="store_true",
+                   help="leave the recording on the gateway after downloading it (by default "
+                   "it is discarded once the file is written: it holds real traffic)")
     add_client_arguments(p)
     p.set_defaults(func=record)
 
@@ -91,6 +97,8 @@ def record(args: argparse.Namespace) -> int:
         body["redact_headers"] = args.redact_header
     if args.redact_field:
         body["redact_json_fields"] = args.redact_field
+    if args.redact_query:
+        body["redact_query_params"] = args.redact_query
     out = sys.stderr
     client = AdminClient.from_args(args)
     try:
@@ -108,6 +116,8 @@ def record(args: argparse.Namespace) -> int:
             view = client.delete(f"/admin/recordings/{rid}")
         path = args.output or Path(f"{args.route}-{rid}.jsonl.gz")
         written = client.download(f"/admin/recordings/{rid}/download", path)
+        if not args.keep:
+            client.delete(f"/admin/recordings/{rid}")  # finished: DELETE discards it
     finally:
         client.close()
     if args.json:

@@ -3,7 +3,8 @@
 ``start`` builds the API body from ``--plan-file`` (JSON, the same keys as the config's
 ``rollout:`` section) overlaid with the flags; with neither, the route's config plan is used.
 ``status --watch`` redraws a live view (step bar, weight, time in step, each gate's value and
-verdict; in sequential mode the test's verdict, p-values and the samples behind them) until
+verdict; in sequential mode the test's verdict, p-values and the samples behind them, and
+what the p-values assume: independent requests, rule-routed ones left out) until
 the rollout ends; its exit code is 0 when promoted, 1 when rolled back or aborted.
 Every command takes --admin/--token/--json.
 """
@@ -342,7 +343,12 @@ def sequential_table(result: dict[str, Any]) -> RenderableType:
             _fmt(m.get("e_worse")),
             Text(mv, style=VERDICT_STYLE.get(mv, "")),
         )
-    return Group(title, table)
+    return Group(title, table, Text(ASSUMPTION, style="dim"))
+
+
+# What the p-values assume, shown under the table (README: "What always valid assumes").
+ASSUMPTION = ("p-values assume independent requests: rule-routed requests are left out of the "
+              "error test; errors clustered by user (sticky split) make 'worse' come easier")
 
 
 def _fmt(value: Any) -> str:

@@ -3,10 +3,13 @@
 How an exchange is captured, and why the client never notices:
 
 1. While a recording runs on a route, `Recordings.tap()` gives the route a `RecordTap`
-   (the route pays nothing otherwise). The proxy runs it after the client has its answer;
-   it decides by the sample (sticky per user key, like the shadow sample, with a salt of its
-   own) and puts the exchange on the recording's bounded queue with `put_nowait`. A full
-   queue (exchanges or body bytes) drops the exchange and counts it.
+   (the route pays nothing otherwise). The sample (sticky per user key, like the shadow
+   sample, with a salt of its own) is decided when the proxy plans the request
+   (`body_sample`, `Exchange.sampled`): only sampled requests buffer their bodies or keep a
+   copy of a streamed answer, so a 5 % recording costs the other 95 % nothing but the
+   decision. The proxy runs the tap after the client has its answer; it puts the exchange
+   on the recording's bounded queue with `put_nowait`. A full queue (exchanges or body
+   bytes) drops the exchange and counts it.
 2. One writer task per recording takes exchanges off the queue, redacts them, encodes one
    JSON line each (gateway.record.format) and compresses it into the recording's gzip
    stream. It ends the recording when the duration is over, `max_requests` are captured or
@@ -61,6 +64,7 @@ class RecordingSpec:
     max_bytes: int = DEFAULT_MAX_BYTES
     redact_headers: tuple[str, ...] = ()
     redact_json_fields: tuple[str, ...] = ()
+    redact_query_params: tuple[str, ...] = ()
 
 
 class Recording:
@@ -70,7 +74,8 @@ class Recording:
         self.id = secrets.token_hex(8)
         self.route = route
         self.spec = spec
-        self.redaction = Redaction.of(spec.redact_headers, spec.redact_json_fields)
+        self.redaction = Redaction.of(spec.redact_headers, spec.redact_json_fields,
+                                      spec.redact_query_params)
         self.started = now
         self.deadline = time.monotonic() + spec.duration
         self.ended: float | None = None
@@ -131,6 +136,7 @@ class Recording:
             "max_requests": spec.max_requests, "max_bytes": spec.max_bytes,
             "redact_headers": sorted(self.redaction.headers),
             "redact_json_fields": sorted(self.redaction.json_fields),
+            "redact_query_params": sorted(self.redaction.query),
             "captured": self.captured, "dropped": self.dropped,
             "queued": self.queue.qsize(), "bytes": self.bytes,
             "compressed_bytes": self.compressed,
@@ -141,7 +147,7 @@ class RecordTap:
     """Queues sampled exchanges of one route for its running recording; never waits."""
 
     __slots__ = ("needs_request_body", "needs_response_body", "recording", "threshold",
-                 "salt")
+                 "salt", "body_sample")
 
     def __init__(self, recording: Recording, salt: bytes) -> None:
         self.needs_request_body = True
@@ -149,12 +155,18 @@ class RecordTap:
         self.recording = recording
         self.threshold = threshold(recording.spec.sample)
         self.salt = salt
+        # The proxy decides the sample when it plans a request, so only sampled requests
+        # buffer their bodies (gateway.routing.CompiledRoute.sampled).
+        self.body_sample = (self.threshold, salt)
 
     def __call__(self, exchange: Exchange) -> None:
         rec = self.recording
         if not rec.active or rec.accepted >= rec.spec.max_requests:
             return
-        if not in_sample(self.threshold, self.salt, exchange.sticky_key):
+        decided = exchange.sampled  # decided at plan time (same key, threshold and salt)
+        if decided is None:
+            decided = in_sample(self.threshold, self.salt, exchange.sticky_key)
+        if not decided:
             return
         size = len(exchange.request_body or b"") + len(exchange.response_body or b"")
         if rec.queue.full() or rec.queued_bytes + size > QUEUE_BYTES:
@@ -301,6 +313,7 @@ class Recordings:
         except Exception:  # a bug must not end the recording silently: count the exchange
             log.exception("recording %s could not encode an exchange", rec.id)
             rec.dropped += 1
+            rec.accepted -= 1  # not captured: max_requests counts captured exchanges
             return True
         if rec.bytes + len(data) > rec.spec.max_bytes:
             rec.stop_reason = "max_bytes"

@@ -16,7 +16,13 @@ A line (``FORMAT_VERSION`` 1)::
   backend's response headers, as [name, value] pairs in order, latin-1 text; redacted values
   read ``[REDACTED]``.
 - bodies: ``text`` (UTF-8) or ``base64`` (anything else), or null with a null encoding when
-  absent (no body, a HEAD, or a streamed response over the route's ``max_body_bytes``).
+  absent (no body, a HEAD, or a streamed response over the route's ``max_body_bytes``) or
+  dropped: with JSON fields to redact, a body that cannot be searched for them (a
+  Content-Encoding such as gzip) is left out and ``request_body_dropped`` /
+  ``response_body_dropped`` says why. Server-sent-event bodies are redacted per ``data:``
+  line.
+- ``target``: the values of credential-like query parameters (`DEFAULT_REDACT_QUERY` and
+  any the operator adds) read ``[REDACTED]``.
 - ``latency_ms``: the gateway's total latency of the live request, as the shadow report's
   "live" latency.
 
@@ -32,6 +38,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, quote
 
 import orjson
 
@@ -40,8 +47,18 @@ from gateway.upstream import Headers
 FORMAT_VERSION = 1
 REDACTED = "[REDACTED]"
 # Always redacted, whatever the operator adds: credentials have no place in a recording.
-DEFAULT_REDACT_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie",
-                                    "set-cookie"})
+DEFAULT_REDACT_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+    "x-auth-token", "x-access-token", "x-amz-security-token", "x-goog-api-key",
+    "ocp-apim-subscription-key",
+    # who the client is: personal data as much as a credential
+    "x-forwarded-for", "x-real-ip", "forwarded", "true-client-ip", "cf-connecting-ip"})
+# Query parameters (compared lower-case) whose values are always redacted from the target.
+DEFAULT_REDACT_QUERY = frozenset({
+    "api_key", "apikey", "api-key", "key", "token", "access_token", "id_token",
+    "refresh_token", "auth", "authorization", "password", "secret", "client_secret",
+    "signature", "sig", "x-amz-signature", "x-amz-security-token", "code"})
+_IDENTITY = frozenset({"", "identity"})
 
 
 class FormatError(ValueError):
@@ -55,11 +72,34 @@ class Redaction:
 
     headers: frozenset[str] = DEFAULT_REDACT_HEADERS
     json_fields: frozenset[str] = frozenset()
+    query: frozenset[str] = DEFAULT_REDACT_QUERY
 
     @classmethod
-    def of(cls, headers: Collection[str] = (), json_fields: Collection[str] = ()) -> Redaction:
+    def of(cls, headers: Collection[str] = (), json_fields: Collection[str] = (),
+           query: Collection[str] = ()) -> Redaction:
         return cls(DEFAULT_REDACT_HEADERS | {h.lower() for h in headers},
-                   frozenset(json_fields))
+                   frozenset(json_fields), DEFAULT_REDACT_QUERY | {q.lower() for q in query})
+
+
+def redact_target(target: str, names: frozenset[str]) -> str:
+    """`target` with the values of the query parameters `names` (lower-case) redacted; the
+    rest of the target is kept byte for byte."""
+    if "?" not in target:
+        return target
+    path, _, query = target.partition("?")
+    query, hash_, fragment = query.partition("#")
+    parts = query.split("&")
+    changed = False
+    for i, part in enumerate(parts):
+        name, eq, _ = part.partition("=")
+        decoded = parse_qsl(name, keep_blank_values=True)
+        key = (decoded[0][0] if decoded else name).lower()
+        if eq and key in names:
+            parts[i] = f"{name}={quote(REDACTED)}"
+            changed = True
+    if not changed:
+        return target
+    return f"{path}?{'&'.join(parts)}{hash_}{fragment}"
 
 
 def redact_headers(headers: Headers, names: frozenset[str]) -> list[list[str]]:
@@ -88,15 +128,58 @@ def _blank(doc: Any, fields: frozenset[str]) -> bool:
 
 
 def redact_body(body: bytes | None, fields: frozenset[str]) -> bytes | None:
-    """`body` with the JSON keys `fields` redacted at any depth. A body that is not JSON is
-    kept as is (there is no field to find); a JSON body without those keys keeps its bytes."""
+    """`body` with the JSON keys `fields` redacted at any depth: a JSON document, or a
+    server-sent-event stream whose ``data:`` lines are JSON (each line on its own). A body
+    that is neither is kept as is (there is no field to find); one without those keys keeps
+    its bytes. (Encoded bodies never get here: `redact_payload`.)"""
     if not body or not fields:
         return body
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return body
+        return _redact_sse(body, fields)
     return orjson.dumps(doc) if _blank(doc, fields) else body
+
+
+def _redact_sse(body: bytes, fields: frozenset[str]) -> bytes:
+    if b"data:" not in body:
+        return body
+    lines = body.split(b"\n")
+    changed = False
+    for i, raw in enumerate(lines):
+        if not raw.startswith(b"data:"):
+            continue
+        cr = raw.endswith(b"\r")
+        data = raw[5:-1] if cr else raw[5:]
+        try:
+            doc = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            continue  # "[DONE]", plain text: no field to find
+        if _blank(doc, fields):
+            lines[i] = b"data: " + orjson.dumps(doc) + (b"\r" if cr else b"")
+            changed = True
+    return b"\n".join(lines) if changed else body
+
+
+def content_encoding(headers: Headers) -> str:
+    """The Content-Encoding of a message, lower-case ('' when none)."""
+    for name, value in headers:
+        if name.lower() == b"content-encoding":
+            return value.decode("latin-1").strip().lower()
+    return ""
+
+
+def redact_payload(body: bytes | None, headers: Headers, fields: frozenset[str]
+                   ) -> tuple[bytes | None, str | None]:
+    """(body to record, why it was dropped): with `fields` to redact, an encoded body
+    (gzip, br, …) cannot be searched for them, so it is dropped, never kept in clear."""
+    if not body or not fields:
+        return body, None
+    encoding = content_encoding(headers)
+    if encoding not in _IDENTITY or body[:2] == b"\x1f\x8b":
+        return None, (f"content-encoding {encoding or 'gzip'} cannot be redacted "
+                      f"(redact_json_fields is set)")
+    return redact_body(body, fields), None
 
 
 def encode_body(body: bytes | None) -> tuple[str | None, str | None]:
@@ -124,18 +207,27 @@ def line(*, ts: float, route: str, backend: str, request_id: str, method: str, t
          response_headers: Headers, response_body: bytes | None, latency: float,
          redaction: Redaction) -> bytes:
     """One recording line (with its newline) for a finished exchange, redacted."""
-    req_text, req_enc = encode_body(redact_body(request_body, redaction.json_fields))
-    resp_text, resp_enc = encode_body(redact_body(response_body, redaction.json_fields))
-    return orjson.dumps({
+    req, req_dropped = redact_payload(request_body, request_headers, redaction.json_fields)
+    resp, resp_dropped = redact_payload(response_body, response_headers,
+                                        redaction.json_fields)
+    req_text, req_enc = encode_body(req)
+    resp_text, resp_enc = encode_body(resp)
+    doc: dict[str, Any] = {
         "version": FORMAT_VERSION, "ts": round(ts, 6), "route": route, "backend": backend,
-        "request_id": request_id, "method": method, "target": target,
+        "request_id": request_id, "method": method,
+        "target": redact_target(target, redaction.query),
         "request_headers": redact_headers(request_headers, redaction.headers),
         "request_body": req_text, "request_body_encoding": req_enc,
         "status": status,
         "response_headers": redact_headers(response_headers, redaction.headers),
         "response_body": resp_text, "response_body_encoding": resp_enc,
         "latency_ms": round(latency * 1000, 3),
-    }, option=orjson.OPT_APPEND_NEWLINE)
+    }
+    if req_dropped:
+        doc["request_body_dropped"] = req_dropped
+    if resp_dropped:
+        doc["response_body_dropped"] = resp_dropped
+    return orjson.dumps(doc, option=orjson.OPT_APPEND_NEWLINE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,12 @@ async def send(client: httpx.AsyncClient, base_url: str, captured: Captured) -> 
     except httpx.HTTPError as exc:
         return Answer(None, None, None, time.perf_counter() - started,
                       type(exc).__name__.lower())
+    except (ValueError, TypeError) as exc:
+        # A request httpx cannot even build (a header value outside latin-1 raises
+        # UnicodeEncodeError, a bad target InvalidURL): that exchange scores as an error,
+        # the rest of the replay goes on. (CancelledError is no Exception: it still ends it.)
+        return Answer(None, None, None, time.perf_counter() - started,
+                      f"unsendable: {type(exc).__name__.lower()}")
     return Answer(resp.status_code, resp.content, resp.headers.get("content-type"),
                   time.perf_counter() - started, None)
 

@@ -42,6 +42,7 @@ from gateway.rollout.sequential import (
     SequentialResult,
     decide,
 )
+from gateway.rules import RULED_ERRORS, RULED_REQUESTS
 from gateway.streaming import ttft_hist
 
 log = logging.getLogger("modelgate.rollout")
@@ -239,15 +240,24 @@ def slow_requests(window: WindowSummary, threshold_ms: float) -> int:
 def sequential_check(config: AnalysisConfig, evidence: Evidence, candidate: WindowSummary,
                      live: WindowSummary) -> SequentialResult:
     """Add one check's new traffic (`candidate`, `live`: since the previous check) to the
-    evidence and decide."""
-    batches = {ERRORS: (Counts(candidate.requests, candidate.errors),
-                        Counts(live.requests, live.errors), config.margin)}
+    evidence and decide. Requests a match rule routed are left out of the error test (the
+    latency test still counts them: the buckets are not split by rule)."""
+    batches = {ERRORS: (_unruled(candidate), _unruled(live), config.margin)}
     if config.latency_ms is not None:
         batches[LATENCY] = (Counts(candidate.requests, slow_requests(candidate,
                                                                      config.latency_ms)),
                             Counts(live.requests, slow_requests(live, config.latency_ms)),
                             config.slow_margin)
     return decide(evidence.update(batches), config.alpha, config.min_samples)
+
+
+def _unruled(window: WindowSummary) -> Counts:
+    """A window's requests and errors without those a match rule routed: a rule picks a
+    segment (a tenant, a header), not a random share of users, so its traffic would compare
+    unlike with unlike."""
+    requests = window.requests - int(window.counter(RULED_REQUESTS))
+    errors = window.errors - int(window.counter(RULED_ERRORS))
+    return Counts(max(0, requests), max(0, min(errors, requests)))
 
 
 def sequential_gate(result: SequentialResult) -> GateResult:

@@ -140,6 +140,10 @@ class MetricEvidence(NamedTuple):
     log_lrs: tuple[float, ...] = (0.0,) * len(RHOS)
     max_worse: float = 0.0  # running max of the "worse" e-value: p = 1 / max
     max_not_worse: float = 0.0
+    # The not-worse e-value *now* (on all evidence so far). Advancing asks for this one, not
+    # the running max: "not worse" reached at the first step must still hold on the later
+    # steps' traffic (Ville bounds every look, so the current value is as valid as the max).
+    not_worse: float = 0.0
 
     def update(self, cand: Counts, live: Counts, margin: float) -> MetricEvidence:
         """Add one check's new traffic (`cand`, `live`: counts since the last check)."""
@@ -151,21 +155,24 @@ class MetricEvidence(NamedTuple):
             max_worse = max(max_worse, mixture_e(log_lrs))
         total_c = Counts(self.cand[0] + cand[0], self.cand[1] + cand[1])
         total_l = Counts(self.live[0] + live[0], self.live[1] + live[1])
+        now = not_worse_e(total_c, total_l, margin)
         return MetricEvidence(total_c, total_l, log_lrs, max_worse,
-                              max(self.max_not_worse, not_worse_e(total_c, total_l, margin)))
+                              max(self.max_not_worse, now), now)
 
     def to_json(self) -> dict[str, Any]:
         return {"candidate": [self.cand.requests, self.cand.hits],
                 "live": [self.live.requests, self.live.hits],
                 "log_lrs": [round(v, 9) for v in self.log_lrs],
-                "max_worse": self.max_worse, "max_not_worse": self.max_not_worse}
+                "max_worse": self.max_worse, "max_not_worse": self.max_not_worse,
+                "not_worse": self.not_worse}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> MetricEvidence:
         lrs = tuple(float(v) for v in data.get("log_lrs") or ())
         return cls(Counts(*data.get("candidate", (0, 0))), Counts(*data.get("live", (0, 0))),
                    lrs if len(lrs) == len(RHOS) else (0.0,) * len(RHOS),
-                   float(data.get("max_worse", 0.0)), float(data.get("max_not_worse", 0.0)))
+                   float(data.get("max_worse", 0.0)), float(data.get("max_not_worse", 0.0)),
+                   float(data.get("not_worse", data.get("max_not_worse", 0.0))))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +264,7 @@ class SequentialResult(NamedTuple):
 
 def decide(evidence: Evidence, alpha: float, min_samples: int) -> SequentialResult:
     """The verdict from the evidence: ``worse`` when any metric's worse-test crossed 1/(α/k),
-    ``not_worse`` when every metric's not-worse test crossed 1/α (and the step has seen
+    ``not_worse`` when every metric's not-worse e-value *now* is ≥ 1/α (and the step has seen
     `min_samples` candidate requests), else ``pending``."""
     names = sorted(evidence.metrics)
     k = max(1, len(names))
@@ -269,12 +276,12 @@ def decide(evidence: Evidence, alpha: float, min_samples: int) -> SequentialResu
             verdict = PENDING
         elif m.max_worse >= 1.0 / alpha_worse:
             verdict = WORSE
-        elif m.max_not_worse >= 1.0 / alpha:
+        elif m.not_worse >= 1.0 / alpha:
             verdict = NOT_WORSE
         else:
             verdict = PENDING
         verdicts.append(MetricVerdict(name, verdict, m.cand, m.live, m.max_worse,
-                                      m.max_not_worse, alpha_worse, alpha))
+                                      m.not_worse, alpha_worse, alpha))
     if any(v.verdict == WORSE for v in verdicts):
         overall = WORSE
     elif verdicts and all(v.verdict == NOT_WORSE for v in verdicts) \
