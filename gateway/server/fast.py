@@ -536,12 +536,12 @@ class _Connection(asyncio.Protocol):
         already be at the backend), read no further and close after their answers: dropping
         them would lose a POST's result."""
         log.info("rejected a request from %s: %d %s", self.peer, status, code)
-        body = self._body
-        if body is not None and not body.done:
+        broken = self._body
+        if broken is not None and not broken.done:
             # A body broken mid-way (bad chunk framing) will never be whole: its request
             # ends as an aborted upload (the client's fault), the ones before it are answered.
             self._body = None
-            body.fail()
+            broken.fail()
         if (self.task is not None or self.queue or self.fast is not None
                 or self._pending is not None):
             self._stop_reading()
