@@ -157,6 +157,7 @@ class _Sink:
             self.request.transport.close()
 
 
+LINGER = 2.0  # seconds a connection answered 408 may still send before it is closed
 _REJECT_CODE = {400: "bad_request", 413: "body_too_large", 414: "uri_too_long",
                 431: "headers_too_large"}
 
@@ -177,6 +178,7 @@ class _Handler(RequestHandler):
     busy = False
     refused = False
     head_bytes = False  # bytes of the next request head came in
+    lingering = False  # our last answer is out: what the client still sends is swallowed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
@@ -195,6 +197,8 @@ class _Handler(RequestHandler):
             super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            return
         if not self.busy and not self.head_bytes and not self.refused:
             self.head_bytes = True  # a new head begins: it has header_timeout from here
             self.deadline = self._loop.time() + self.header_timeout
@@ -205,7 +209,8 @@ class _Handler(RequestHandler):
         server does); a connection that never sent anything is just closed."""
         self.deadline = 0.0
         transport = self.transport
-        if self.head_bytes and transport is not None and not transport.is_closing():
+        if (self.head_bytes and not self.lingering and transport is not None
+                and not transport.is_closing()):
             self.limit.timed_out("header")
             log.info("rejected a request: 408 request_timeout")
             body = orjson.dumps({"error": "request_timeout",
@@ -213,6 +218,14 @@ class _Handler(RequestHandler):
             transport.write(b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json"
                             b"\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                             % (len(body), body))
+            if transport.can_write_eof():
+                # Closing with the client's bytes unread would reset the connection and could
+                # destroy the answer before it is read: half-close, swallow what still comes
+                # for at most LINGER seconds (the sweep closes then), as nginx's lingering close.
+                transport.write_eof()
+                self.lingering = True
+                self.deadline = self._loop.time() + LINGER
+                return
         self.force_close()
         if transport is not None:
             transport.close()

@@ -67,6 +67,7 @@ log = logging.getLogger("modelgate.server")
 
 BODY_HIGH = 256 * 1024  # pause reading when this much request body waits for the proxy
 MAX_PIPELINED = 16  # parsed requests waiting for their turn before reading pauses
+LINGER = 2.0  # seconds a rejected client may still send before its connection is closed
 DISCARD_MAX = 16 * 1024 * 1024  # unread request body swallowed (like nginx lingering close)
 SWEEP_INTERVAL = 0.5  # timeout resolution
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -159,7 +160,7 @@ class _Connection(asyncio.Protocol):
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
         "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
-        "_msg_keep_alive", "_pending", "fast",
+        "_msg_keep_alive", "_pending", "fast", "_lingering",
     )
 
     def __init__(self, server: FastServer) -> None:
@@ -200,6 +201,7 @@ class _Connection(asyncio.Protocol):
         # A request that may take the fast path once its message completes in this read.
         self._pending: tuple[ProxyRequest, bool] | None = None
         self.fast: fastpath.FastExchange | None = None  # the fast-path exchange in flight
+        self._lingering = False  # our last answer is out: what still comes is swallowed
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -239,6 +241,11 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self._lingering:
+            self._discarded += len(data)
+            if self._discarded > DISCARD_MAX:
+                self._close()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -268,6 +275,8 @@ class _Connection(asyncio.Protocol):
                 self.resume(pending[0], pending[1], None)
 
     def eof_received(self) -> bool | None:
+        if self._lingering:
+            return None  # the client read our last answer and closed: close too
         # The client half-closed: finish what was asked (its answers still go out), then close.
         body = self._body
         if body is not None:  # ... but a body cut off here will never be whole: it left
@@ -552,10 +561,30 @@ class _Connection(asyncio.Protocol):
                 b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
                 b"Connection: close\r\n\r\n%s" % (status, _REJECT_REASON.get(status, b""),
                                                   len(body), body))
-        self._close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close once the client can have read our last answer. Closing with its bytes
+        unread would reset the connection and could destroy the answer on its way: half-close,
+        swallow what still comes (bounded), close on its EOF or after LINGER seconds (nginx's
+        lingering close)."""
+        transport = self.transport
+        if self.closed or transport is None or not transport.can_write_eof():
+            self._close()
+            return
+        transport.write_eof()
+        self._lingering = True
+        self._discarded = 0
+        self.deadline = self.loop.time() + LINGER
+        if self.reading_paused:
+            self.reading_paused = False
+            transport.resume_reading()
 
     def timed_out(self) -> None:
         """The sweep found the deadline passed."""
+        if self._lingering:
+            self._close()
+            return
         limit = self.server.limit
         if self.in_headers and self.task is None and not self.queue and self.fast is None:
             limit.timed_out("header")
