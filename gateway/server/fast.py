@@ -430,9 +430,8 @@ class _Connection(asyncio.Protocol):
     def _drop_queue(self) -> None:
         """Forget the requests still queued; a backend response handed over by the fast path
         is closed, so its backend connection is not held (paused, no deadline) for ever."""
-        for _, _, resume in self.queue:
-            if resume is not None and resume.resp is not None:
-                resume.resp.close()
+        for request, _, resume in self.queue:
+            fastpath.abandon(self.proxy, request, resume)
         self.queue.clear()
 
     # -- the fast path's side (gateway/server/fastpath.py) --------------------------------
@@ -448,8 +447,7 @@ class _Connection(asyncio.Protocol):
         """Answer `request` in the Task after all, first in line."""
         self.fast = None
         if self.closed:  # the client left meanwhile: nobody to answer
-            if resume is not None and resume.resp is not None:
-                resume.resp.close()
+            fastpath.abandon(self.proxy, request, resume)
             return
         self.queue.appendleft((request, keep_alive, resume))
         if self.task is None:
