@@ -34,6 +34,7 @@ How it is put together:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 from collections import deque
@@ -159,7 +160,7 @@ class _Connection(asyncio.Protocol):
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
         "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
-        "_msg_keep_alive", "_pending", "fast",
+        "_msg_keep_alive", "_pending", "fast", "serial",
     )
 
     def __init__(self, server: FastServer) -> None:
@@ -200,6 +201,7 @@ class _Connection(asyncio.Protocol):
         # A request that may take the fast path once its message completes in this read.
         self._pending: tuple[ProxyRequest, bool] | None = None
         self.fast: fastpath.FastExchange | None = None  # the fast-path exchange in flight
+        self.serial = next(server.serials)  # accept order: the oldest idle one is evicted
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -716,6 +718,7 @@ class FastServer:
         self.loop = asyncio.get_running_loop()
         self.addresses: list[tuple[str, int]] = []
         self.connections: set[_Connection] = set()
+        self.serials = itertools.count()
         self.stopping = False
         self.limit = ConnectionLimit(config.max_connections, lambda: len(self.connections))
         self._servers: list[asyncio.Server] = []
@@ -725,13 +728,14 @@ class FastServer:
         return _Connection(self)
 
     def evict_idle(self) -> bool:
-        """At the connection cap: close the idle connection (no request in flight) closest
-        to its own timeout, to make room for a new one. O(connections), only at the cap."""
+        """At the connection cap: close the oldest connection with no request in flight
+        (as the aiohttp server does), to make room for a new one. O(connections), only at
+        the cap."""
         oldest: _Connection | None = None
         for conn in self.connections:
             if (conn.task is None and conn.fast is None and not conn.queue
                     and conn._body is None and conn._pending is None and not conn.closed
-                    and (oldest is None or conn.deadline < oldest.deadline)):
+                    and (oldest is None or conn.serial < oldest.serial)):
                 oldest = conn
         if oldest is None:
             return False
