@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 
 import gateway.proxy
+from gateway.upstream import aiohttp_client, fastpool
 from tests import helpers
 from tests.helpers import (
     INFER,
@@ -227,3 +228,46 @@ async def test_a_post_the_canary_may_have_run_is_not_resent(
                 assert r.status_code == 502, r.text
                 assert r.json()["backend"] == "green"
                 assert stats["blue"].status_totals[2] == 0
+
+
+# -- 6b ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["fast", "aiohttp"])
+async def test_upstream_busy_after_a_fallback_names_live(
+        monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """A canary's 503 falls back onto live, whose only pooled connection is busy: the 503
+    upstream_busy and its counter name live, not the canary."""
+    monkeypatch.setattr(fastpool, "MAX_ACTIVE", 1)
+    monkeypatch.setattr(aiohttp_client, "POOL_LIMIT", 1)
+    release = asyncio.Event()
+
+    async def held(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(text="ok")
+
+    async def declines(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"error": "unavailable"}, status=503)
+
+    async with backend(held) as live, backend(declines) as canary:
+        config = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "routes": [{
+            "name": "r", "match": {"path_prefix": "/"}, "live": "main", "fallback": True,
+            "backends": {"main": {"url": live}, "canary": {"url": canary}},
+            "canary": {"backend": "canary", "weight": 100},
+            "timeouts": {"connect": "300ms", "read": "20s"}}]}
+        async with running_gateway(config, upstream_kind=kind) as gw:
+            first = asyncio.create_task(gw.client.get("/first"))
+            try:
+                await wait_for(lambda: gw.gateway.proxy.recorder.in_flight.get("r") == 1,
+                               timeout=5, message="the first request on live")
+                r = await gw.client.get("/second")
+                assert r.status_code == 503, r.text
+                assert r.json()["error"] == "upstream_busy"
+                assert r.json()["backend"] == "main", r.text
+                assert "'main'" in r.json()["message"]
+            finally:
+                release.set()
+                assert (await first).status_code == 200
+            text = (await gw.admin.get("/metrics")).text
+            assert 'modelgate_upstream_pool_timeouts_total{backend="main",route="r"} 1.0' \
+                in text, [ln for ln in text.splitlines() if "pool_timeouts" in ln]
