@@ -13,6 +13,8 @@ servers (or a small aiohttp backend that misbehaves on purpose), loopback socket
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -271,3 +273,57 @@ async def test_upstream_busy_after_a_fallback_names_live(
             text = (await gw.admin.get("/metrics")).text
             assert 'modelgate_upstream_pool_timeouts_total{backend="main",route="r"} 1.0' \
                 in text, [ln for ln in text.splitlines() if "pool_timeouts" in ln]
+
+
+# -- 6a ----------------------------------------------------------------------------------------
+
+
+async def test_a_client_gone_when_a_streamed_answer_begins_is_a_499(server: str) -> None:
+    """The fast path hands a streamed answer to the Task; the client left before: its 499 is
+    recorded and its concurrency slot and in-flight count given back."""
+    if server != "fast":
+        pytest.skip("the fast path's hand-over: the fast server only")
+    entered = asyncio.Event()
+    release = asyncio.Event()
+
+    async def streams(request: web.Request) -> web.StreamResponse:
+        if request.path == "/stream":
+            entered.set()
+            await release.wait()
+        resp = web.StreamResponse()
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        await resp.write(b"token ")
+        await resp.write_eof()
+        return resp
+
+    async with backend(streams) as url:
+        config = {"listen": "127.0.0.1:0", "admin": {"listen": "127.0.0.1:0"}, "routes": [{
+            "name": "r", "match": {"path_prefix": "/"}, "live": "main",
+            "backends": {"main": {"url": url}}, "limits": {"max_concurrency": 1}}]}
+        async with running_gateway(config) as gw:
+            proxy = gw.gateway.proxy
+            connections = gw.gateway._proxy_server.connections  # type: ignore[union-attr]
+            # A first request leaves an idle backend connection: the fast path needs one.
+            assert (await gw.client.get("/warm")).status_code == 200
+            _, w = await asyncio.open_connection("127.0.0.1", gw.gateway.addresses[0][1])
+            w.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            await w.drain()
+            try:
+                await asyncio.wait_for(entered.wait(), 5)
+                open_before = len(connections)
+                # A reset, not a half-close (which the gateway answers before closing).
+                w.get_extra_info("socket").setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                w.transport.abort()
+                await wait_for(lambda: len(connections) == open_before - 1, timeout=5,
+                               message="the client gone")
+            finally:
+                release.set()
+            await wait_for(lambda: proxy.recorder.client_aborts.get("r") == 1, timeout=5,
+                           message="the 499 recorded")
+            gate = gw.gateway.static["r"].gate
+            assert gate is not None and gate.count == 0
+            assert proxy.in_flight == 0 and proxy.recorder.in_flight["r"] == 0
+            r = await gw.client.get("/again")
+            assert r.status_code == 200 and r.text == "token "
