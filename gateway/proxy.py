@@ -30,8 +30,8 @@ import orjson
 
 from gateway.errors import UpstreamError, UpstreamPoolTimeout
 from gateway.metrics import BackendStats, Recorder
-from gateway.resilience.limits import Gate, admit, force, leave
-from gateway.resilience.retry import may_resend, retry
+from gateway.resilience.limits import Gate, admit, leave
+from gateway.resilience.retry import may_fall_back, may_resend, retry
 from gateway.routing import Backend, CompiledRoute, Exchange, RoutingTable, cookie_value
 from gateway.rules import RULED_ERRORS, RULED_REQUESTS
 from gateway.streaming import StreamMeter, is_event_stream
@@ -491,53 +491,57 @@ class Proxy:
         With `resp`, the backend was already called (by the fast path, with `payload` as the
         body, at `sent`) and its response head is in: only the answer is left to stream."""
         route = plan.route
-        backend = plan.backend
-        stats = backend.stats
         rid = plan.rid
         request_id = plan.request_id
         body_in = request.body
         length = body_in.length if body_in is not None else None
-        if route.gate is not None or backend.gate is not None:
-            if resp is not None:  # the fast path's exchange, admitted there: count it
-                force(route.gate, backend.gate)
-            elif (full := admit(route.gate, backend.gate)) is not None:
+        body: bytes | AsyncIterator[bytes] | None
+        too_large: list[bool] = []
+        gone: list[bool] = []
+        if resp is not None:
+            # The fast path's exchange handed on with its head in: it is counted already
+            # (gates, in-flight) and stays counted, so nothing can slip in over a limit.
+            body = payload
+        else:
+            if body_in is None:
+                body = None
+            elif (route.needs_request_body and plan.sampled is not False) or (
+                length is not None and length <= BUFFER_REQUEST_UP_TO
+            ):
+                # A buffered body is read before the request is admitted: a client trickling
+                # its body holds no concurrency slot, and body rules decide the backend first.
+                try:
+                    body = await _read_body(body_in, route.max_body)
+                except BodyTooLarge:
+                    await _too_large(sink, route, request_id)
+                    self.finished(plan, request, 413, None)
+                    return
+                except ConnectionError:
+                    self.finished(plan, request, 0, None, True)
+                    raise
+            else:
+                body = _stream_body(body_in, route.max_body, too_large, gone)
+            if plan.rules_at >= 0:  # rules on the body (the route buffers it: bytes or None)
+                self.body_rules(plan, request, body if isinstance(body, bytes) else None)
+            backend = plan.backend
+            if (route.gate is not None or backend.gate is not None) and (
+                    full := admit(route.gate, backend.gate)) is not None:
                 await _overloaded(sink, route, backend, full, request_id)
                 return
-        rec_in_flight = self.recorder.in_flight
-        self.in_flight += 1
-        rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
+            rec_in_flight = self.recorder.in_flight
+            self.in_flight += 1
+            rec_in_flight[route.name] = rec_in_flight.get(route.name, 0) + 1
+        backend = plan.backend
+        stats = backend.stats
         status = 0  # 0 until known: a failure of the gateway itself is not the backend's
         exchange: Exchange | None = None
         aborted = False  # the client left before the backend's answer began
         counted = True  # in the backend's numbers (gates, alarms)
         try:
-            body: bytes | AsyncIterator[bytes] | None
-            too_large: list[bool] = []
-            gone: list[bool] = []
-            if resp is not None:
-                body = payload
-            elif body_in is None:
-                body = None
-            elif (route.needs_request_body and plan.sampled is not False) or (
-                length is not None and length <= BUFFER_REQUEST_UP_TO
-            ):
-                try:
-                    body = await _read_body(body_in, route.max_body)
-                except BodyTooLarge:
-                    status = 413
-                    await _too_large(sink, route, request_id)
-                    return
-            else:
-                body = _stream_body(body_in, route.max_body, too_large, gone)
-            if plan.rules_at >= 0:  # rules on the body (the route buffers it: bytes or None)
-                self.body_rules(plan, request, body if isinstance(body, bytes) else None)
-                backend = plan.backend
-                stats = backend.stats
-
             if resp is None:
                 sent = time.perf_counter()
                 try:
-                    resp = await self._send(plan, request, body, length)
+                    resp = await self._send(plan, request, body, length, too_large, gone)
                 except ValueError:
                     # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
                     # through aiohttp's client): the client's request is at fault.
@@ -555,6 +559,8 @@ class Proxy:
                         status = 413
                         await _too_large(sink, route, request_id)
                         return
+                    backend = plan.backend  # live, when the canary's failure fell back
+                    stats = backend.stats
                     if isinstance(exc, UpstreamPoolTimeout):
                         # Our own queue, not the backend: no backend error, no 5xx for
                         # gates and alarms (not `counted`), its own counter instead.
@@ -567,8 +573,6 @@ class Proxy:
                                      request_id, route=route.name, backend=backend.name)
                         return
                     status = exc.status
-                    backend = plan.backend  # live, when the canary's failure fell back
-                    stats = backend.stats
                     stats.upstream_error(exc.kind)
                     log.warning("upstream %s of route %s failed: %s", backend.name, route.name,
                                 exc)
@@ -598,16 +602,17 @@ class Proxy:
         finally:
             # The client has its answer (or is gone): only now the bookkeeping and the taps.
             self.in_flight -= 1
-            rec_in_flight[route.name] -= 1
+            self.recorder.in_flight[route.name] -= 1
             if route.gate is not None or plan.backend.gate is not None:
                 leave(route.gate, plan.backend.gate)
             self.finished(plan, request, status, exchange, aborted, counted)
 
     async def _send(self, plan: Plan, request: ProxyRequest,
-                    body: bytes | AsyncIterator[bytes] | None, length: int | None
-                    ) -> UpstreamResponse:
+                    body: bytes | AsyncIterator[bytes] | None, length: int | None,
+                    too_large: list[bool], gone: list[bool]) -> UpstreamResponse:
         """`plan.upstream.send`, with the retries `retry` allows when the body can be sent
-        again (`plan` then names the backend and URL that answered)."""
+        again (`plan` then names the backend and URL that answered). `too_large` and `gone`
+        are the streamed body's own failures (`_stream_body`)."""
         route = plan.route
         while True:
             upstream = plan.upstream
@@ -616,9 +621,14 @@ class Proxy:
                 resp = await upstream.send(request.method, request.target, plan.headers, body,
                                            route.timeouts, length)
             except UpstreamError as exc:
+                if gone or too_large or isinstance(exc, UpstreamPoolTimeout):
+                    # The client's doing (left mid-upload, body over the limit) or our own
+                    # full pool: nothing the URL did, so no outlier report and no retry.
+                    raise
                 backend.report_failure(upstream, exc.kind)
                 if not isinstance(body, bytes | None) or not retry(
-                        plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
+                        plan, exc.status, exc.kind, may_resend(plan, request.method, exc),
+                        may_fall_back(plan, request.method, exc)):
                     raise
                 log.info("retrying %s of route %s on %s after %s", plan.request_id,
                          route.name, plan.upstream.origin, exc)
@@ -626,7 +636,7 @@ class Proxy:
             status = resp.status
             backend.report(upstream, status)
             if (status == 503 and route.fallback and backend is route.canary
-                    and isinstance(body, bytes | None) and retry(plan, 503, "", False)):
+                    and isinstance(body, bytes | None) and retry(plan, 503, "", False, True)):
                 await _discard(resp)
                 continue
             return resp

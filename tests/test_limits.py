@@ -306,6 +306,36 @@ async def test_header_count_and_bytes_over_the_limits_are_431(blue: ModelServer)
 # -- the connection cap ----------------------------------------------------------------------
 
 
+async def test_at_the_cap_the_oldest_idle_connection_goes_on_both_servers(
+        blue: helpers.ModelServer) -> None:
+    """Both servers evict the same one: the oldest idle connection (accept order), not the
+    one nearest its own timeout (here the youngest: a fresh head deadline)."""
+    async with running_gateway(
+            {**config(route("r", "/", blue.url)),
+             "server": {"max_connections": 3, "header_timeout": "5s",
+                        "keepalive_timeout": "60s"}}) as gw:
+        port = port_of(gw)
+        first = await asyncio.open_connection("127.0.0.1", port)
+        others = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        reader, writer = first  # answered once: idle with a keep-alive deadline 60 s away
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/healthz")).status_code < 500
+        assert await read_until_closed(reader, 5) == b""  # the oldest went
+        for r, w in others:  # the younger ones are still open
+            w.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            await w.drain()
+            assert (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)).startswith(
+                b"HTTP/1.1 ")
+            w.close()
+        writer.close()
+
+
 async def test_at_the_cap_idle_connections_make_room_and_busy_ones_refuse_the_next() -> None:
     release = asyncio.Event()
     answered = 0

@@ -8,13 +8,20 @@ from typing import Any
 import pytest
 
 from gateway.config import parse_config
-from gateway.errors import ConfigError
+from gateway.errors import (
+    ConfigError,
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamResetError,
+    UpstreamTimeout,
+)
 from gateway.resilience.budget import WINDOW, RetryBudget
 from gateway.resilience.config import HealthCheck, Limits, OutlierDetection
 from gateway.resilience.config import RetryBudget as RetryBudgetConfig
 from gateway.resilience.health import UrlCheck
 from gateway.resilience.limits import Gate, admit, full, leave
 from gateway.resilience.outlier import Outliers
+from gateway.resilience.retry import may_fall_back
 
 URLS = ["http://a", "http://b", "http://c", "http://d"]
 
@@ -202,3 +209,29 @@ def test_health_thresholds() -> None:
     assert check.record(True, settings) is None
     assert check.record(False, settings) is None  # the streak starts again
     assert [check.record(True, settings) for _ in range(2)] == [None, True]
+
+
+# -- when a canary's failure may go to live --------------------------------------------------
+
+
+class _Route:
+    def __init__(self, retry_safe: bool) -> None:
+        self.retry_safe = retry_safe
+
+
+class _Plan:
+    def __init__(self, retry_safe: bool) -> None:
+        self.route = _Route(retry_safe)
+
+
+@pytest.mark.parametrize(("exc", "method", "retry_safe", "expected"), [
+    (UpstreamConnectError("refused"), "POST", False, True),  # nothing was sent
+    (UpstreamResetError("reset"), "POST", False, False),  # the canary may have run it
+    (UpstreamTimeout("timeout"), "POST", False, False),
+    (UpstreamResetError("reset"), "POST", True, True),  # side_effect_free
+    (UpstreamTimeout("timeout"), "GET", False, True),  # idempotent
+    (UpstreamResetError("reset"), "PUT", False, True),
+])
+def test_a_canary_failure_falls_back_only_when_resending_is_safe(
+        exc: UpstreamError, method: str, retry_safe: bool, expected: bool) -> None:
+    assert may_fall_back(_Plan(retry_safe), method, exc) is expected  # type: ignore[arg-type]

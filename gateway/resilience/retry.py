@@ -38,14 +38,25 @@ def may_resend(plan: Attempt, method: str, exc: UpstreamError) -> bool:
         method in IDEMPOTENT or plan.route.retry_safe)
 
 
-def retry(plan: Attempt, status: int, kind: str, resend: bool) -> bool:
+def may_fall_back(plan: Attempt, method: str, exc: UpstreamError) -> bool:
+    """Whether a canary's request that failed with `exc` before the status line may go to
+    live: when the connection was refused (nothing was sent); after a reset or a timeout
+    (its bytes may have reached the canary, which may have run it) only when the method is
+    idempotent or the route is side-effect free (issue 11 item 4). A canary's 503 always may:
+    it answered, declining the work."""
+    return isinstance(exc, UpstreamConnectError) or method in IDEMPOTENT or (
+        plan.route.retry_safe)
+
+
+def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) -> bool:
     """Whether a request that failed on `plan.upstream` before any byte reached the client
     goes again, and where (`plan` is changed to say so):
 
     - `resend` (`may_resend`: refused, or reset when that is safe): once to another URL of
       the backend that is not ejected;
-    - on the route's canary with `fallback` on: once to live (after a failure `kind` before
-      the status line, or a `status` 503). The failure is charged to the canary first, so
+    - on the route's canary with `fallback` on and `fall_back` (`may_fall_back`, or True for
+      a 503): once to live (after a failure `kind` before the status line, or a `status`
+      503). The failure is charged to the canary first, so
       its gates and alarms see it as they would without fallback.
 
     Each retry must fit the budget of the backend it goes to. The caller makes sure the body
@@ -60,7 +71,8 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool) -> bool:
             plan.retried |= RETRIED_URL
             return True
     route = plan.route
-    if not (route.fallback and backend is route.canary) or plan.retried & FELL_BACK:
+    if not (fall_back and route.fallback and backend is route.canary) or (
+            plan.retried & FELL_BACK):
         return False
     live = route.live
     if live.gate is not None and live.gate.full():
@@ -80,4 +92,4 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool) -> bool:
     return True
 
 
-__all__ = ["FELL_BACK", "IDEMPOTENT", "RETRIED_URL", "may_resend", "retry"]
+__all__ = ["FELL_BACK", "IDEMPOTENT", "RETRIED_URL", "may_fall_back", "may_resend", "retry"]

@@ -34,6 +34,7 @@ How it is put together:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 from collections import deque
@@ -160,7 +161,7 @@ class _Connection(asyncio.Protocol):
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
         "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
-        "_msg_keep_alive", "_pending", "fast", "_lingering",
+        "_msg_keep_alive", "_pending", "fast", "_lingering", "serial",
     )
 
     def __init__(self, server: FastServer) -> None:
@@ -202,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self._pending: tuple[ProxyRequest, bool] | None = None
         self.fast: fastpath.FastExchange | None = None  # the fast-path exchange in flight
         self._lingering = False  # our last answer is out: what still comes is swallowed
+        self.serial = next(server.serials)  # accept order: the oldest idle one is evicted
 
     # -- asyncio.Protocol --------------------------------------------------------------------
 
@@ -439,9 +441,8 @@ class _Connection(asyncio.Protocol):
     def _drop_queue(self) -> None:
         """Forget the requests still queued; a backend response handed over by the fast path
         is closed, so its backend connection is not held (paused, no deadline) for ever."""
-        for _, _, resume in self.queue:
-            if resume is not None and resume.resp is not None:
-                resume.resp.close()
+        for request, _, resume in self.queue:
+            fastpath.abandon(self.proxy, request, resume)
         self.queue.clear()
 
     # -- the fast path's side (gateway/server/fastpath.py) --------------------------------
@@ -457,8 +458,7 @@ class _Connection(asyncio.Protocol):
         """Answer `request` in the Task after all, first in line."""
         self.fast = None
         if self.closed:  # the client left meanwhile: nobody to answer
-            if resume is not None and resume.resp is not None:
-                resume.resp.close()
+            fastpath.abandon(self.proxy, request, resume)
             return
         self.queue.appendleft((request, keep_alive, resume))
         if self.task is None:
@@ -753,6 +753,7 @@ class FastServer:
         self.loop = asyncio.get_running_loop()
         self.addresses: list[tuple[str, int]] = []
         self.connections: set[_Connection] = set()
+        self.serials = itertools.count()
         self.stopping = False
         self.limit = ConnectionLimit(config.max_connections, lambda: len(self.connections))
         self._servers: list[asyncio.Server] = []
@@ -762,13 +763,14 @@ class FastServer:
         return _Connection(self)
 
     def evict_idle(self) -> bool:
-        """At the connection cap: close the idle connection (no request in flight) closest
-        to its own timeout, to make room for a new one. O(connections), only at the cap."""
+        """At the connection cap: close the oldest connection with no request in flight
+        (as the aiohttp server does), to make room for a new one. O(connections), only at
+        the cap."""
         oldest: _Connection | None = None
         for conn in self.connections:
             if (conn.task is None and conn.fast is None and not conn.queue
                     and conn._body is None and conn._pending is None and not conn.closed
-                    and (oldest is None or conn.deadline < oldest.deadline)):
+                    and (oldest is None or conn.serial < oldest.serial)):
                 oldest = conn
         if oldest is None:
             return False

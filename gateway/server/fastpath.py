@@ -45,7 +45,7 @@ from gateway.proxy import (
     error_response,
 )
 from gateway.resilience.limits import admit, full, leave
-from gateway.resilience.retry import may_resend, retry
+from gateway.resilience.retry import may_fall_back, may_resend, retry
 from gateway.upstream import Headers
 from gateway.upstream.fastpool import IDEMPOTENT, FastResponse, FastUpstream, _Conn
 
@@ -110,11 +110,22 @@ class FastExchange:
             self.resp = resp
             resp.buffer_all()
             return
-        # A body to stream: the Task takes this response over (upstream time is recorded).
+        # A body to stream: the Task takes this response over (upstream time is recorded),
+        # as `Proxy._send` would have had it: reported for outlier detection, a canary's 503
+        # sent to live instead.
         conn.listener = None
-        self._uncount()
+        plan = self.plan
+        status = resp.status
+        plan.backend.report(plan.upstream, status)
+        if status == 503 and plan.route.fallback and retry(plan, 503, "", False, True):
+            resp.close()  # a streamed body the client will not see: not worth reading
+            self._again()
+            return
+        # The exchange stays counted (gates, in-flight): `Proxy.forward` takes the counts
+        # over, so no other request slips in over a limit in between; if the client is gone
+        # before, `abandon` gives them back.
         self.client.resume(self.request, self.keep_alive,
-                           Resume(self.plan, resp, self.sent, self.payload))
+                           Resume(plan, resp, self.sent, self.payload))
 
     def response_done(self, resp: FastResponse) -> None:
         plan = self.plan
@@ -123,7 +134,7 @@ class FastExchange:
         client = self.client
         status = resp.status
         plan.backend.report(plan.upstream, status)
-        if status == 503 and plan.route.fallback and retry(plan, 503, "", False):
+        if status == 503 and plan.route.fallback and retry(plan, 503, "", False, True):
             resp.body_now()  # a canary's 503 the client will not see: live answers
             self._again()
             return
@@ -153,7 +164,8 @@ class FastExchange:
             return
         if resp is None:
             plan.backend.report_failure(plan.upstream, exc.kind)
-            if retry(plan, exc.status, exc.kind, may_resend(plan, request.method, exc)):
+            if retry(plan, exc.status, exc.kind, may_resend(plan, request.method, exc),
+                     may_fall_back(plan, request.method, exc)):
                 self._again()  # another URL, or live for a failed canary
                 return
         self._uncount()
@@ -187,12 +199,29 @@ class FastExchange:
         self.client.resume(self.request, self.keep_alive, Resume(self.plan))
 
     def _uncount(self) -> None:
-        proxy = self.proxy
-        plan = self.plan
-        proxy.in_flight -= 1
-        proxy.recorder.in_flight[plan.route.name] -= 1
-        if plan.route.gate is not None or plan.backend.gate is not None:
-            leave(plan.route.gate, plan.backend.gate)
+        _uncount(self.proxy, self.plan)
+
+
+def _uncount(proxy: Proxy, plan: Plan) -> None:
+    proxy.in_flight -= 1
+    proxy.recorder.in_flight[plan.route.name] -= 1
+    if plan.route.gate is not None or plan.backend.gate is not None:
+        leave(plan.route.gate, plan.backend.gate)
+
+
+def abandon(proxy: Proxy, request: ProxyRequest, resume: Resume | None) -> None:
+    """A request handed to the Task (`Client.resume`) whose client left before the Task
+    took it: a response handed over with its head in is closed, its counts given back and
+    the request recorded as the client's abort (499), as `Proxy.forward` would have."""
+    if resume is None:
+        return
+    resp = resume.resp
+    if resp is not None:
+        resp.close()
+        _uncount(proxy, resume.plan)
+        proxy.finished(resume.plan, request, resp.status, None, True)
+    else:
+        proxy.finished(resume.plan, request, 0, None, True)
 
 
 def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool) -> None:
@@ -241,4 +270,4 @@ def answer(client: Client, proxy: Proxy, request: ProxyRequest, keep_alive: bool
     client.fast = exchange
 
 
-__all__ = ["FastExchange", "answer"]
+__all__ = ["FastExchange", "abandon", "answer"]
