@@ -54,7 +54,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -449,6 +449,29 @@ def build_requests(host_header: str, path: str = PATH, body: bytes = BODY,
     return out
 
 
+async def arrivals(rng: random.Random, rate: float, start: float,
+                   end: float) -> AsyncIterator[float]:
+    """Poisson-distributed intended send times after `start` and before `end`
+    (`time.perf_counter()` clock), each yielded when it is due. Ahead of time it sleeps; behind,
+    it still yields to the loop every `YIELD_EVERY` sends, so answers keep being read."""
+    intended = start
+    behind = 0
+    while True:
+        intended += rng.expovariate(rate)
+        if intended >= end:
+            return
+        delay = intended - time.perf_counter()
+        if delay > 0:
+            behind = 0
+            await asyncio.sleep(delay)
+        else:
+            behind += 1
+            if behind >= YIELD_EVERY:
+                behind = 0
+                await asyncio.sleep(0)
+        yield intended
+
+
 async def open_loop(
     url: str,
     rate: float,
@@ -489,22 +512,7 @@ async def open_loop(
     try:
         start = time.perf_counter() + 0.01
         measure_from = start + max(0.0, warmup)
-        end = measure_from + seconds
-        intended = start
-        behind = 0
-        while True:
-            intended += rng.expovariate(rate)
-            if intended >= end:
-                break
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                behind = 0
-                await asyncio.sleep(delay)
-            else:
-                behind += 1
-                if behind >= YIELD_EVERY:
-                    behind = 0
-                    await asyncio.sleep(0)
+        async for intended in arrivals(rng, rate, start, measure_from + seconds):
             pool.fire(intended, intended >= measure_from)
         await pool.drain(timeout)
     finally:

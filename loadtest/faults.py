@@ -141,22 +141,8 @@ class Load:
         rng = random.Random(1)
         sweeper = asyncio.get_running_loop().create_task(pool.sweep())
         try:
-            end = self.t0 + self.seconds
-            intended = self.t0 - self.warmup
-            behind = 0
-            while True:
-                intended += rng.expovariate(self.rate)
-                if intended >= end:
-                    break
-                delay = intended - time.perf_counter()
-                if delay > 0:
-                    behind = 0
-                    await asyncio.sleep(delay)
-                else:
-                    behind += 1
-                    if behind >= bench.YIELD_EVERY:
-                        behind = 0
-                        await asyncio.sleep(0)
+            async for intended in bench.arrivals(rng, self.rate, self.t0 - self.warmup,
+                                                 self.t0 + self.seconds):
                 pool.fire(intended, intended >= self.t0)
             await pool.drain(self.timeout)
         finally:

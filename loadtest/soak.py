@@ -100,23 +100,9 @@ async def soak_load(url: str, rate: float, duration: float, interval: float, con
             raise ConnectionError(f"opened {opened} of {connections} connections to {url}")
         start = time.perf_counter() + 0.01
         emit({"event": "started", "connections": opened})
-        end = start + duration
-        intended = last = start
+        last = start
         next_report = start + interval
-        behind = 0
-        while True:
-            intended += rng.expovariate(rate)
-            if intended >= end:
-                break
-            delay = intended - time.perf_counter()
-            if delay > 0:
-                behind = 0
-                await asyncio.sleep(delay)
-            else:
-                behind += 1
-                if behind >= bench.YIELD_EVERY:
-                    behind = 0
-                    await asyncio.sleep(0)
+        async for intended in bench.arrivals(rng, rate, start, start + duration):
             now = time.perf_counter()
             if now >= next_report:
                 emit(interval_report(pool, now - start, now - last))
