@@ -73,8 +73,8 @@ DISCARD_MAX = 16 * 1024 * 1024  # unread request body swallowed (like nginx ling
 SWEEP_INTERVAL = 0.5  # timeout resolution
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
-_CLOSE = b"Connection: close\r\n"
-_KEEP_ALIVE = b"Connection: keep-alive\r\n"
+_CLOSE = b"Connection: close"
+_KEEP_ALIVE = b"Connection: keep-alive"
 
 
 class _Reject(Exception):
@@ -613,16 +613,21 @@ class _Connection(asyncio.Protocol):
             parts += (name, b": ", value, b"\r\n")
         if framing:
             parts.append(framing)
+        connection = self._connection_line()
+        if connection:
+            parts += (connection, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    def _connection_line(self) -> bytes:
+        """The answer's Connection header line (without CRLF), or b"" when none is due."""
         answering = self._answering
         if (not self._out_keep_alive or self.closing or answering is not None
                 and answering.body is not None and not cast(_Body, answering.body).done):
             # Closing after this answer: say so (a body we did not read ends the connection).
             self._out_keep_alive = False
-            parts.append(_CLOSE)
-        elif not self._out_http11:
-            parts.append(_KEEP_ALIVE)
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            return _CLOSE
+        return b"" if self._out_http11 else _KEEP_ALIVE
 
     async def send(self, status: int, reason: str, headers: Headers, body: bytes) -> None:
         self.answer_now(status, reason, headers, body)
@@ -665,14 +670,9 @@ class _Connection(asyncio.Protocol):
                 append(b": ".join(item))
         if not has_id:
             append(b"X-Request-ID: " + rid)
-        answering = self._answering
-        if (not self._out_keep_alive or self.closing or answering is not None
-                and answering.body is not None
-                and not answering.body.done):  # type: ignore[attr-defined]  # a _Body
-            self._out_keep_alive = False
-            append(b"Connection: close")
-        elif not self._out_http11:
-            append(b"Connection: keep-alive")
+        connection = self._connection_line()
+        if connection:
+            append(connection)
         append(b"")
         if self.closed:
             return True
