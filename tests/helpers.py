@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pytest
 from aiohttp import web
 
 from gateway.app import ComponentFactory, Gateway
@@ -118,8 +120,22 @@ class RunningGateway:
 
 
 # The proxy port's server for gateways started here; a suite runs over both by overriding
-# it (tests/test_proxy.py's autouse `server` fixture).
+# it (the `server` fixture below).
 DEFAULT_SERVER: str | None = None
+SERVERS = ["fast-server", "aiohttp-server"]
+
+
+def _server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The proxy server (`fast` or `aiohttp`) of the gateways this test starts."""
+    value: str = request.param.removesuffix("-server")
+    monkeypatch.setattr(sys.modules[__name__], "DEFAULT_SERVER", value)
+    return value
+
+
+# Imported by a test module (under these names), the fixture `server`: `each_server` runs
+# every test of the module over both proxy servers, `server_fixture` only those asking.
+each_server = pytest.fixture(params=SERVERS, autouse=True, name="server")(_server)
+server_fixture = pytest.fixture(params=SERVERS, name="server")(_server)
 
 
 @asynccontextmanager

@@ -25,12 +25,12 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests import helpers
 from tests.helpers import (
     INFER,
     ModelServer,
     RunningGateway,
     classifier_config,
+    each_server,  # noqa: F401  (the fixture `server`: every test runs over each proxy server)
     infer_body,
     model_server,
     refusing_port,
@@ -43,12 +43,6 @@ BODY = orjson.dumps(infer_body([[5.1, 3.5, 1.4, 0.2]]))
 HEADERS = {"content-type": "application/json"}
 
 
-@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs over each proxy server (gateway/server/)."""
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 async def crash(server: ModelServer) -> None:

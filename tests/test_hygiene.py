@@ -15,15 +15,12 @@ import pytest
 from gateway.config import parse_config
 from gateway.errors import ConfigError
 from tests import helpers
-from tests.helpers import running_gateway, wait_for
+from tests.helpers import (
+    each_server,  # noqa: F401  (the fixture `server`: every test runs over each proxy server)
+    running_gateway,
+    wait_for,
+)
 from tests.test_proxy import Echo, config, headers_of, route
-
-
-@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 @pytest.fixture

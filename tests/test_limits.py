@@ -36,6 +36,7 @@ from tests.helpers import (
     INFER,
     ModelServer,
     classifier_config,
+    each_server,  # noqa: F401  (the fixture `server`: every test runs over each proxy server)
     infer_body,
     running_gateway,
     wait_for,
@@ -47,11 +48,6 @@ SHORT = {"header_timeout": "500ms", "keepalive_timeout": "500ms", "body_timeout"
 READY = "/v2/models/classifier/ready"
 
 
-@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 def port_of(gw: helpers.RunningGateway) -> int:

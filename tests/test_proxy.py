@@ -20,11 +20,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests import helpers
 from tests.helpers import (
     INFER,
     ModelServer,
     RunningGateway,
+    each_server,  # noqa: F401  (the fixture `server`: every test runs over each proxy server)
     infer_body,
     refusing_port,
     running_gateway,
@@ -137,12 +137,6 @@ def kind(request: pytest.FixtureRequest) -> str:
     return value
 
 
-@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """... and over each proxy server (gateway/server/)."""
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 @pytest.fixture

@@ -25,11 +25,11 @@ from aiohttp import web
 
 import gateway.proxy
 from gateway.upstream import aiohttp_client, fastpool
-from tests import helpers
 from tests.helpers import (
     INFER,
     ModelServer,
     classifier_config,
+    each_server,  # noqa: F401  (the fixture `server`: every test runs over each proxy server)
     infer_body,
     model_server,
     running_gateway,
@@ -41,11 +41,6 @@ HEADERS = {"content-type": "application/json"}
 ROUTE = "classifier"
 
 
-@pytest.fixture(params=["fast-server", "aiohttp-server"], autouse=True)
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 @asynccontextmanager

@@ -31,7 +31,6 @@ from gateway.rules import (
 )
 from gateway.schema import validate
 from gateway.state import RouteState, Rule
-from tests import helpers
 from tests.cluster import GatewayProcess, admin_client
 from tests.helpers import (
     INFER,
@@ -42,6 +41,7 @@ from tests.helpers import (
     infer_body,
     model_server,
     running_gateway,
+    server_fixture,  # noqa: F401  (the fixture `server`: tests asking for it run over each proxy server)
     wait_for,
 )
 from tests.redis_server import RedisServer
@@ -296,11 +296,6 @@ async def test_admin_rules_put_get_audit_and_refusals(blue: ModelServer,
 
 
 # -- end to end, both proxy servers --------------------------------------------------------------
-@pytest.fixture(params=["fast-server", "aiohttp-server"])
-def server(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    value: str = request.param.removesuffix("-server")
-    monkeypatch.setattr(helpers, "DEFAULT_SERVER", value)
-    return value
 
 
 @pytest.fixture
