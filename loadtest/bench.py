@@ -84,7 +84,9 @@ MODELGATE = {
     "modelgate-fast": ("aiohttp", "fast"),
     "modelgate-aiohttp": ("aiohttp", "aiohttp"),
 }
-TARGETS = ("direct", "nginx", *MODELGATE)
+# `prototype`: loadtest/prototype_proxy.py, the bare uvloop + httptools proxy of PERF-NOTES (no
+# features): the ceiling for Python on this machine, measured in the same rounds.
+TARGETS = ("direct", "nginx", "prototype", *MODELGATE)
 DEFAULT_TARGETS = ("direct", "nginx", "modelgate", "modelgate-fast")
 # The "model20ms" backend: loadtest/slow_backend.py answering after this long. (The demo model
 # server has --latency-ms, but it saturates below 1000 req/s on a shared 2-core machine.)
@@ -876,6 +878,16 @@ def start_slow_backend(procs: Processes, name: str, delay_ms: float) -> tuple[Pr
     return proc, port
 
 
+def start_prototype(procs: Processes, name: str, backend_port: int) -> tuple[Proc, int]:
+    """loadtest/prototype_proxy.py on the proxy core: the ceiling beside nginx."""
+    port = free_port()
+    argv = [sys.executable, str(HERE / "prototype_proxy.py"), "--port", str(port),
+            "--backend-port", str(backend_port)]
+    proc = procs.start(name, argv, PROXY_CPU)
+    wait_ready(proc, port)
+    return proc, port
+
+
 def start_redis(procs: Processes) -> tuple[Proc, int]:
     """A redis-server on a free loopback port, no persistence, stopped by PID with the rest."""
     binary = shutil.which("redis-server")
@@ -1254,6 +1266,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 elif name == nginx_name:
                     proc, port = start_nginx(procs, name, "proxy.conf.template", PROXY_CPU,
                                              BACKEND_PORT=str(backend_port))
+                    target = Target(name, port, proc)
+                elif name == "prototype":
+                    proc, port = start_prototype(procs, name, backend_port)
                     target = Target(name, port, proc)
                 elif name in CELLS:
                     cell = CELLS[name]
