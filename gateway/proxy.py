@@ -235,7 +235,7 @@ def new_request_id() -> str:
 
 
 def _new_rid() -> bytes:
-    return b"%s%012x" % (_ID_PREFIX_BYTES, next(_id_counter))
+    return _ID_PREFIX_BYTES + b"%012x" % next(_id_counter)
 
 
 def client_request_id(value: bytes | None) -> str | None:

@@ -244,3 +244,44 @@ async def test_a_pipelined_connection_close_lets_the_requests_before_it_be_answe
         answers = await asyncio.wait_for(reader.read(), timeout=10)  # until the close
         writer.close()
         assert answers.count(b"HTTP/1.1 200") == 3, answers
+
+
+async def test_the_http_version_decides_keep_alive_on_the_fast_path(calls: Counter[str]) -> None:
+    """The server reads the version only when keep-alive can't tell it (a Connection header,
+    or no keep-alive): 1.1 stays open; 1.0 closes unless it asks for keep-alive, and then
+    hears `Connection: keep-alive` back; a 1.1 `Connection: close` closes."""
+    async with raw_server(nth_request([ok] * 8)) as url, \
+            running_gateway(config(route("r", "/", url))) as gw:
+        assert (await gw.client.get("/warm")).status_code == 200  # the backend connection
+        port = gw.gateway.addresses[0][1]
+
+        async def exchange(writer: asyncio.StreamWriter, reader: asyncio.StreamReader,
+                           request: bytes) -> bytes:
+            writer.write(request)
+            await writer.drain()
+            head = await asyncio.wait_for(read_head(reader), timeout=10)
+            await asyncio.wait_for(reader.readexactly(11), timeout=10)
+            return head
+
+        post = b"POST /a HTTP/%s\r\nHost: x\r\nContent-Length: 1\r\n%s\r\n1"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # 1.1 without a Connection header: kept open, no header added
+            head = await exchange(writer, reader, post % (b"1.1", b""))
+            assert head.startswith(b"HTTP/1.1 200") and b"connection:" not in head.lower()
+        head = await exchange(writer, reader, post % (b"1.1", b"Connection: close\r\n"))
+        assert b"Connection: close" in head
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for _ in range(2):  # 1.0 asking for keep-alive: told so, kept open
+            head = await exchange(writer, reader, post % (b"1.0", b"Connection: keep-alive\r\n"))
+            assert b"Connection: keep-alive" in head, head
+        writer.close()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = await exchange(writer, reader, post % (b"1.0", b""))  # plain 1.0: closed
+        assert b"Connection: close" in head
+        assert await asyncio.wait_for(reader.read(), timeout=10) == b""
+        writer.close()
+    assert calls["response_done"] >= 5

@@ -74,7 +74,25 @@ SWEEP_INTERVAL = 0.5  # timeout resolution
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = frozenset({204, 304})
 _CLOSE = b"Connection: close"
+# Header name lengths the parser callback looks at: content-length, transfer-encoding,
+# expect, connection.
+_SPECIAL_LENGTHS = frozenset({14, 17, 6, 10})
+_METHODS = {m.encode(): m for m in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")}
 _KEEP_ALIVE = b"Connection: keep-alive"
+
+
+# Status lines by (status, reason), as backends repeat them: a lookup instead of formatting
+# one per answer. Bounded: reasons are the backend's.
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+STATUS_LINES_MAX = 512
+
+
+def _status_line(status: int, reason: str) -> bytes:
+    """b"HTTP/1.1 <status> <reason>" (no CRLF), cached."""
+    line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1", "replace"))
+    if len(_STATUS_LINES) < STATUS_LINES_MAX:
+        _STATUS_LINES[(status, reason)] = line
+    return line
 
 
 class _Reject(Exception):
@@ -159,7 +177,7 @@ class _Connection(asyncio.Protocol):
         "server", "proxy", "config", "loop", "transport", "parser", "peer", "tls", "closed",
         "deadline", "reading_paused", "read_no_more", "queue", "task", "closing", "in_headers",
         "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
-        "_upgrade", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
+        "_connection_header", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
         "_msg_keep_alive", "_pending", "fast", "_lingering", "serial",
     )
@@ -188,7 +206,7 @@ class _Connection(asyncio.Protocol):
         self._chunked = False
         self._expect = False
         self._body: _Body | None = None  # the body being received
-        self._upgrade = False
+        self._connection_header = False  # the request has a Connection header
         self._write_paused = False
         self._drain_waiter: asyncio.Future[None] | None = None
         self._out_chunked = False
@@ -307,7 +325,7 @@ class _Connection(asyncio.Protocol):
         self._length = None
         self._chunked = False
         self._expect = False
-        self._upgrade = False
+        self._connection_header = False
         self.deadline = self.loop.time() + self.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
@@ -325,9 +343,11 @@ class _Connection(asyncio.Protocol):
         if self._header_bytes > self.config.max_header_bytes:
             raise _Reject(431, "headers_too_large",
                           f"headers over {self.config.max_header_bytes} bytes")
-        if n == 14 or n == 17 or n == 6:
+        if n in _SPECIAL_LENGTHS:
             lower = name.lower()
-            if lower == b"content-length":
+            if lower == b"connection":
+                self._connection_header = True
+            elif lower == b"content-length":
                 self._length = int(value)  # llhttp checked the digits and any conflict
             elif lower == b"transfer-encoding":
                 self._chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
@@ -341,7 +361,11 @@ class _Connection(asyncio.Protocol):
         self.in_headers = False
         self.deadline = 0.0
         parser = self.parser
-        http11 = parser.get_http_version() != "1.0"
+        keep_alive = parser.should_keep_alive()
+        # Keep-alive without a Connection header is HTTP/1.1's default (1.0 needs the header):
+        # the version string (formatted by httptools on each call) only when that can't tell.
+        http11 = ((keep_alive and not self._connection_header)
+                  or parser.get_http_version() != "1.0")
         length = self._length
         body: _Body | None = None
         if self._chunked or (length is not None and length > 0):
@@ -350,8 +374,9 @@ class _Connection(asyncio.Protocol):
             body = _Body(self, 0, False)
             body.done = True
         self._body = body
-        method = parser.get_method().decode("ascii")
-        keep_alive = self._msg_keep_alive = parser.should_keep_alive() and not self.closing
+        raw_method = parser.get_method()
+        method = _METHODS.get(raw_method) or raw_method.decode("ascii")
+        keep_alive = self._msg_keep_alive = keep_alive and not self.closing
         request = ProxyRequest(method, self._url.decode("latin-1"), self._headers, body,
                                self.peer, self.tls, http11)
         if (self.task is None and self.fast is None and not self.queue
@@ -608,7 +633,10 @@ class _Connection(asyncio.Protocol):
     # -- ResponseSink (of the request being answered) -----------------------------------------
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
-        parts = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1", "replace"))]
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = _status_line(status, reason)
+        parts = [line, b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if framing:
@@ -652,7 +680,10 @@ class _Connection(asyncio.Protocol):
         """Write a backend's whole answer: `Proxy._response_headers` and `answer_now` in one
         pass over the headers, at C speed. False, having written nothing, for an answer that
         needs the general way (a Connection header naming other headers)."""
-        lines = [b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1", "replace"))]
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = _status_line(status, reason)
+        lines = [line]
         append = lines.append
         kind_of = _RESPONSE_KIND_BY_RAW.get
         has_id = False
