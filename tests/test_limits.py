@@ -299,6 +299,26 @@ async def test_header_count_and_bytes_over_the_limits_are_431(blue: ModelServer)
         assert r.status_code == 200
 
 
+async def test_a_head_over_the_byte_limit_is_431_however_it_is_split_into_reads(
+        blue: ModelServer) -> None:
+    """The fast server counts header bytes only for a read bigger than the limit or a head
+    continued from an earlier read: a head trickled in reads each well under the limit is
+    still refused once it is over, and one just under it is served."""
+    async with short_gateway(blue, max_header_bytes="2KiB") as gw:
+        for lines, expected in ((8, b"HTTP/1.1 431"), (4, b"HTTP/1.1 200")):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port_of(gw))
+            writer.write(f"GET {READY} HTTP/1.1\r\nHost: x\r\n".encode())
+            for i in range(lines):  # 400 bytes a line, each its own write
+                writer.write(f"X-Pad-{i}: {'p' * 390}\r\n".encode())
+                await writer.drain()
+                await asyncio.sleep(0.005)  # separate reads are likely (either way: same answer)
+            writer.write(b"\r\n")
+            await writer.drain()
+            head = await asyncio.wait_for(read_head(reader), 10)
+            writer.close()
+            assert head.startswith(expected), head
+
+
 # -- the connection cap ----------------------------------------------------------------------
 
 

@@ -176,7 +176,8 @@ class _Connection(asyncio.Protocol):
     __slots__ = (
         "server", "proxy", "config", "loop", "transport", "parser", "peer", "tls", "closed",
         "deadline", "reading_paused", "read_no_more", "queue", "task", "closing", "in_headers",
-        "_url", "_headers", "_header_bytes", "_length", "_chunked", "_expect", "_body",
+        "_url", "_headers", "_header_bytes", "_count_bytes", "_length", "_chunked", "_expect",
+        "_body",
         "_connection_header", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
         "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
         "_msg_keep_alive", "_pending", "fast", "_lingering", "serial",
@@ -202,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self._url = b""
         self._headers: Headers = []
         self._header_bytes = 0
+        self._count_bytes = False  # on_header must count header bytes (see data_received)
         self._length: int | None = None
         self._chunked = False
         self._expect = False
@@ -266,6 +268,15 @@ class _Connection(asyncio.Protocol):
             if self._discarded > DISCARD_MAX:
                 self._close()
             return
+        # The header byte limit: a head that begins and ends within one read of at most that
+        # many bytes is within it, so on_header counts only for a bigger read or a head
+        # continued from an earlier read (then from what that read brought).
+        if self.in_headers:
+            if not self._count_bytes:
+                self._header_bytes = sum(len(n) + len(v) for n, v in self._headers)
+            self._count_bytes = True
+        else:
+            self._count_bytes = len(data) > self.config.max_header_bytes
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -338,11 +349,12 @@ class _Connection(asyncio.Protocol):
         # The line count is checked once the head is in (on_headers_complete): the byte limit
         # bounds it meanwhile (every line has a name).
         self._headers.append((name, value))
+        if self._count_bytes:
+            self._header_bytes += len(name) + len(value)
+            if self._header_bytes > self.config.max_header_bytes:
+                raise _Reject(431, "headers_too_large",
+                              f"headers over {self.config.max_header_bytes} bytes")
         n = len(name)
-        self._header_bytes += n + len(value)
-        if self._header_bytes > self.config.max_header_bytes:
-            raise _Reject(431, "headers_too_large",
-                          f"headers over {self.config.max_header_bytes} bytes")
         if n in _SPECIAL_LENGTHS:
             lower = name.lower()
             if lower == b"connection":
