@@ -212,6 +212,18 @@ class BackendStats:
         return Totals(sum(status), status[5], self.latency_sum_total, tuple(self.hist_totals),
                       tuple(self.counter_totals.items()))
 
+    def recent_requests(self, seconds: int) -> int:
+        """Requests observed over the last `seconds` seconds, the current one included (the
+        retry budget's denominator: read per retry, not per request)."""
+        now_s = int(self.clock())
+        slots = self._slots
+        total = 0
+        for second in range(now_s - seconds + 1, now_s + 1):
+            slot = slots[second % WINDOW_SLOTS]
+            if slot is not None and slot.second == second:
+                total += slot.requests
+        return total
+
     def slot_at(self, second: int) -> Slot | None:
         """The slot of one second, if it is still in the ring and saw anything."""
         slot = self._slots[second % WINDOW_SLOTS]

@@ -678,8 +678,6 @@ class Proxy:
             if plan.ruled:
                 backend.stats.add_many(((RULED_REQUESTS, 1.0),
                                         (RULED_ERRORS, 1.0 if status >= 500 else 0.0)))
-            if backend.budget is not None:
-                backend.budget.note_request(plan.started)
         if exchange is not None:
             exchange.latency = latency
             for tap in route.taps:

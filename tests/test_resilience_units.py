@@ -15,6 +15,7 @@ from gateway.errors import (
     UpstreamResetError,
     UpstreamTimeout,
 )
+from gateway.metrics import BackendStats
 from gateway.resilience.budget import WINDOW, RetryBudget
 from gateway.resilience.config import HealthCheck, Limits, OutlierDetection
 from gateway.resilience.config import RetryBudget as RetryBudgetConfig
@@ -102,26 +103,40 @@ def test_triggers_can_be_turned_off() -> None:
 
 def test_budget_allows_the_floor_then_the_percentage() -> None:
     b = RetryBudget(RetryBudgetConfig(percent=10, min_retries=2))
-    assert [b.try_retry(now=0.0) for _ in range(3)] == [True, True, False]
-    for _ in range(50):
-        b.note_request(now=0.5)  # 10 % of 50 = 5 retries in the window
-    assert [b.try_retry(now=0.6) for _ in range(4)] == [True, True, True, False]
+    assert [b.try_retry(0.0, requests=0) for _ in range(3)] == [True, True, False]
+    # 10 % of 50 requests in the window = 5 retries in all
+    assert [b.try_retry(0.6, requests=50) for _ in range(4)] == [True, True, True, False]
     assert (b.retried, b.exhausted) == (5, 2)
 
 
 def test_budget_window_slides() -> None:
     b = RetryBudget(RetryBudgetConfig(percent=0, min_retries=1))
-    assert b.try_retry(now=100.0)
-    assert not b.try_retry(now=100.0 + WINDOW - 1)  # the retry at 100 is still in the window
-    assert b.try_retry(now=100.0 + WINDOW)  # it has slid out
-    assert b.try_retry(now=1000.0)  # a long pause clears every slot
+    assert b.try_retry(100.0, requests=0)
+    assert not b.try_retry(100.0 + WINDOW - 1, requests=0)  # the retry at 100 is still in
+    assert b.try_retry(100.0 + WINDOW, requests=0)  # it has slid out
+    assert b.try_retry(1000.0, requests=0)  # a long pause clears every slot
 
 
 def test_budget_zero_never_retries() -> None:
     b = RetryBudget(RetryBudgetConfig(percent=0, min_retries=0))
-    for _ in range(100):
-        b.note_request(now=1.0)
-    assert not b.try_retry(now=1.0)
+    assert not b.try_retry(1.0, requests=100)
+
+
+def test_budget_counts_the_requests_the_backend_answered_in_its_window() -> None:
+    """The budget's denominator is the backend's own per-second metrics: the requests
+    observed over the last WINDOW seconds, not older ones."""
+    clock = [1000.5]
+    stats = BackendStats("r", "b", clock=lambda: clock[0])
+    for _ in range(30):
+        stats.observe(200, 0.001)
+    clock[0] = 1000.5 + WINDOW - 1  # still in the window
+    for _ in range(20):
+        stats.observe(503, 0.001)
+    assert stats.recent_requests(WINDOW) == 50
+    clock[0] = 1000.5 + WINDOW  # the first second has slid out
+    assert stats.recent_requests(WINDOW) == 20
+    clock[0] = 1000.5 + 10 * WINDOW
+    assert stats.recent_requests(WINDOW) == 0
 
 
 # -- gates ------------------------------------------------------------------------------------

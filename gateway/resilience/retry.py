@@ -9,6 +9,7 @@ import time
 from typing import Protocol
 
 from gateway.errors import UpstreamConnectError, UpstreamError, UpstreamResetError
+from gateway.resilience.budget import WINDOW as BUDGET_WINDOW
 from gateway.resilience.limits import force, leave
 from gateway.routing import Backend, CompiledRoute
 from gateway.upstream import Upstream
@@ -65,7 +66,8 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) 
     now = time.perf_counter()
     if resend and not plan.retried & RETRIED_URL:
         other = backend.other_upstream(plan.upstream)
-        if other is not None and backend.budget is not None and backend.budget.try_retry(now):
+        if other is not None and backend.budget is not None and backend.budget.try_retry(
+                now, backend.stats.recent_requests(BUDGET_WINDOW)):
             backend.stats.upstream_error(kind)  # a failed call; the request goes on
             plan.upstream = other
             plan.retried |= RETRIED_URL
@@ -77,7 +79,8 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) 
     live = route.live
     if live.gate is not None and live.gate.full():
         return False
-    if live.budget is None or not live.budget.try_retry(now):
+    if live.budget is None or not live.budget.try_retry(
+            now, live.stats.recent_requests(BUDGET_WINDOW)):
         return False
     stats = backend.stats
     if kind:
