@@ -133,7 +133,8 @@ class FastExchange:
         proxy = self.proxy
         client = self.client
         status = resp.status
-        plan.backend.report(plan.upstream, status)
+        if plan.backend.outliers is not None:  # one URL: no outlier state, nothing to report
+            plan.backend.report(plan.upstream, status)
         if status == 503 and plan.route.fallback and retry(plan, 503, "", False, True):
             resp.body_now()  # a canary's 503 the client will not see: live answers
             self._again()
