@@ -76,6 +76,9 @@ class Client(Protocol):
     def resume(self, request: ProxyRequest, keep_alive: bool, resume: Resume | None) -> None:
         """Answer `request` through `Proxy.handle` in the connection's Task after all."""
 
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """A backend's interim (1xx) head, as `ResponseSink.interim`."""
+
 
 class BufferedBody(Protocol):
     """The fast server's request body, all received: its chunks are taken as they are."""
@@ -126,6 +129,12 @@ class FastExchange:
         # before, `abandon` gives them back.
         self.client.resume(self.request, self.keep_alive,
                            Resume(plan, resp, self.sent, self.payload))
+
+    def response_interim(self, status: int, reason: str, headers: Headers) -> None:
+        # Before the final head (the connection calls this only then), so before any answer
+        # of ours. It came from the backend, so `got_bytes` is set: a failure after it is
+        # never resent as a stale connection's (`response_failed`).
+        self.client.interim(status, reason, headers)
 
     def response_done(self, resp: FastResponse) -> None:
         plan = self.plan
