@@ -23,6 +23,9 @@ Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly
   again, to another URL of the backend or, for a canary with `fallback`, to live: the Task
   sends it as the changed plan says (the canary is charged its failure first);
 - a route or backend over its concurrency limit: the Task answers 503.
+A backend's interim (1xx) head goes to the client as it comes (`response_interim` →
+`Client.interim`, which drops it for HTTP/1.0): always before the final head, so before
+anything of the answer. It counts as a byte come back: no stale-connection resend after it.
 Other failures are answered here as the Task path would: 502/504 before the head, the same
 error after a broken body. Timeouts need no timer: the pool's deadline sweep fails a
 connection whose backend is silent past the route's read timeout (`_Conn.timed_out`).
