@@ -1,6 +1,7 @@
 """A backend's interim (1xx) heads through the gateway (gateway/interim.py).
 
-The header filter directly; then end to end over real sockets: a raw-socket backend that
+The header filter directly; the fast server's sink over an in-memory transport (when it
+may write a hint); then end to end over real sockets: a raw-socket backend that
 sends `103 Early Hints` (and its own `100 Continue`) before its answer, the default build
 (fast server, fast upstream) and raw-socket clients, on the Task path (a new backend
 connection) and on the fast path (a warm one). The gated backend holds its final answer
@@ -16,7 +17,11 @@ from typing import Any
 
 import pytest
 
+from gateway.config import ServerConfig
 from gateway.interim import interim_headers
+from gateway.metrics import Recorder
+from gateway.proxy import Proxy, ProxyRequest
+from gateway.server.fast import FastServer
 from gateway.server.fastpath import FastExchange
 from gateway.upstream import Headers
 from gateway.upstream.fastpool import FastUpstream
@@ -59,6 +64,52 @@ def test_interim_headers_drop_hop_by_hop_and_framing_and_keep_the_rest() -> None
 
 def test_no_request_id_is_added_to_an_interim_head() -> None:
     assert interim_headers(103, [(b"Link", b"</a>")]) == [(b"Link", b"</a>")]
+
+
+# -- the fast server's sink, over an in-memory transport --------------------------------------
+
+
+class Transport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+
+    def write(self, data: Any) -> None:
+        self.out += data
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+async def test_the_fast_server_writes_a_hint_only_while_it_may() -> None:
+    server = FastServer(Proxy(Recorder()), ServerConfig())
+    conn = server._protocol()
+    transport = Transport()
+    conn.connection_made(transport)
+    sent: Headers = [(b"Link", b"</a.css>; rel=preload"), (b"Connection", b"keep-alive")]
+
+    def hint() -> bytes:
+        transport.out.clear()
+        conn.interim(103, "Early Hints", sent)
+        return bytes(transport.out)
+
+    assert hint() == b""  # no request being answered
+    http11 = ProxyRequest("GET", "/", [], None, "127.0.0.1", False, True)
+    conn.begin_answer(http11, True)
+    assert hint() == b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
+    transport.out.clear()
+    conn.interim(100, "Continue", [])
+    assert transport.out == b""  # the backend's own 100: not the client's
+    conn.pause_writing()
+    assert hint() == b""  # the client is not reading: a hint is not worth the memory
+    conn.resume_writing()
+    conn.begin_answer(ProxyRequest("GET", "/", [], None, "127.0.0.1", False, False), True)
+    assert hint() == b""  # HTTP/1.0
+    conn.begin_answer(http11, True)
+    assert hint().startswith(b"HTTP/1.1 103 ")
+    conn.connection_lost(None)
+    assert hint() == b""  # the client is gone
+    assert conn not in server.connections
 
 
 # -- end to end ---------------------------------------------------------------------------------
