@@ -147,6 +147,12 @@ class ResponseSink(Protocol):
     def abort(self) -> None:
         """Cut the connection: the only honest signal once headers are out."""
 
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """A backend's interim (1xx) head, headers as received, before the final answer:
+        written at once to an HTTP/1.1 client when `gateway.interim` says it goes on, else
+        dropped (a server that cannot write interim heads drops them all). Never awaits:
+        the upstream calls it from its protocol callbacks (`InterimReceiver`)."""
+
 
 class ProxyRequest:
     """One request as the proxy sees it, whichever server received it."""
@@ -541,7 +547,8 @@ class Proxy:
             if resp is None:
                 sent = time.perf_counter()
                 try:
-                    resp = await self._send(plan, request, body, length, too_large, gone)
+                    resp = await self._send(plan, request, sink, body, length, too_large,
+                                            gone)
                 except ValueError:
                     # Header bytes the upstream client cannot write (CR/LF, or invalid UTF-8
                     # through aiohttp's client): the client's request is at fault.
@@ -607,19 +614,22 @@ class Proxy:
                 leave(route.gate, plan.backend.gate)
             self.finished(plan, request, status, exchange, aborted, counted)
 
-    async def _send(self, plan: Plan, request: ProxyRequest,
+    async def _send(self, plan: Plan, request: ProxyRequest, sink: ResponseSink,
                     body: bytes | AsyncIterator[bytes] | None, length: int | None,
                     too_large: list[bool], gone: list[bool]) -> UpstreamResponse:
         """`plan.upstream.send`, with the retries `retry` allows when the body can be sent
         again (`plan` then names the backend and URL that answered). `too_large` and `gone`
-        are the streamed body's own failures (`_stream_body`)."""
+        are the streamed body's own failures (`_stream_body`). The backend's interim heads
+        go to `sink` (an HTTP/1.0 client gets none): a retried or fallen-back request may
+        have passed on one of the first URL's hints, harmless since a hint is advisory."""
         route = plan.route
+        interim = sink if request.http11 else None
         while True:
             upstream = plan.upstream
             backend = plan.backend
             try:
                 resp = await upstream.send(request.method, request.target, plan.headers, body,
-                                           route.timeouts, length)
+                                           route.timeouts, length, interim)
             except UpstreamError as exc:
                 if gone or too_large or isinstance(exc, UpstreamPoolTimeout):
                     # The client's doing (left mid-upload, body over the limit) or our own

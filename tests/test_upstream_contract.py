@@ -530,6 +530,49 @@ async def test_interim_responses_are_skipped(make: MakeUpstream) -> None:
     assert server.connections == 1
 
 
+class Interims:
+    """An `InterimReceiver` recording what it is handed."""
+
+    def __init__(self) -> None:
+        self.got: list[tuple[int, str, Headers]] = []
+
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        self.got.append((status, reason, list(headers)))
+
+
+async def test_interim_heads_go_to_the_receiver_if_seen(kind: str, make: MakeUpstream) -> None:
+    """The fast pool hands every 1xx head to `interim`, as received, once per request and
+    never after the final head; aiohttp's client cannot see them (a documented limit)."""
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n"
+                         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n"
+                         b"link: </b.js>\r\nConnection: keep-alive\r\n\r\n"
+                         b"HTTP/1.1 201 Created\r\nContent-Length: 4\r\n\r\ndone")
+
+    async with RawServer(handler) as server:
+        upstream = make(server.origin)
+        for _ in range(2):  # a new connection, then the same one kept alive
+            receiver = Interims()
+            resp = await upstream.send("GET", "/", [], None, T, None, receiver)
+            assert (resp.status, await resp.read()) == (201, b"done")
+            if kind == "aiohttp":
+                assert receiver.got == []
+            else:
+                assert receiver.got == [
+                    (100, "Continue", []),
+                    (103, "Early Hints", [(b"Link", b"</a.css>; rel=preload"),
+                                          (b"link", b"</b.js>"),
+                                          (b"Connection", b"keep-alive")]),
+                ]
+        # Without a receiver they are skipped, and the last one is not called again.
+        resp, raw = await fetch(upstream, "GET", "/")
+        assert (resp.status, raw) == (201, b"done")
+        assert len(receiver.got) == (0 if kind == "aiohttp" else 2)
+    assert server.connections == 1
+
+
 async def test_stall_mid_body_fails_read(make: MakeUpstream) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)

@@ -156,6 +156,11 @@ class _Sink:
         if self.request.transport is not None:
             self.request.transport.close()
 
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """Dropped: aiohttp's server writes one response per request and offers no way to
+        put a 1xx before it (only its own 100 Continue). A documented limit of this server
+        (docs/ARCHITECTURE.md, Known limits); the fast server forwards them."""
+
 
 LINGER = 2.0  # seconds a connection answered 408 may still send before it is closed
 _REJECT_CODE = {400: "bad_request", 413: "body_too_large", 414: "uri_too_long",

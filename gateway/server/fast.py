@@ -45,6 +45,7 @@ import httptools
 import orjson
 
 from gateway.config import ServerConfig
+from gateway.interim import interim_headers
 from gateway.proxy import (
     _PLAIN_CONNECTION,
     _RESPONSE_KIND_BY_RAW,
@@ -771,6 +772,25 @@ class _Connection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._close(abort=True)
+
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """A backend's interim head for the request being answered (the Task's, through
+        `FastUpstream.send`, or the fast path's, through `FastExchange`), written at once
+        when `interim_headers` forwards it. Never after the final head: the upstream calls
+        this only before the final head is in, and the answer is written only after that.
+        Dropped for an HTTP/1.0 client (RFC 9110 §15.2), a client gone, and a client not
+        reading (its buffer full): a hint is advisory, memory stays bounded."""
+        if (self.closed or not self._out_http11 or self._answering is None
+                or self._write_paused):
+            return
+        forwarded = interim_headers(status, headers)
+        if forwarded is None:
+            return
+        line = _STATUS_LINES.get((status, reason))
+        if line is None:
+            line = _status_line(status, reason)
+        assert self.transport is not None
+        self.transport.write(b"\r\n".join((line, *map(b": ".join, forwarded), b"", b"")))
 
     async def _drain(self) -> None:
         waiter = self._drain_waiter = self.loop.create_future()

@@ -23,6 +23,9 @@ Hand-offs to the Task path (`Resume`), keeping the Task path's behaviour exactly
   again, to another URL of the backend or, for a canary with `fallback`, to live: the Task
   sends it as the changed plan says (the canary is charged its failure first);
 - a route or backend over its concurrency limit: the Task answers 503.
+A backend's interim (1xx) head goes to the client as it comes (`response_interim` →
+`Client.interim`, which drops it for HTTP/1.0): always before the final head, so before
+anything of the answer. It counts as a byte come back: no stale-connection resend after it.
 Other failures are answered here as the Task path would: 502/504 before the head, the same
 error after a broken body. Timeouts need no timer: the pool's deadline sweep fails a
 connection whose backend is silent past the route's read timeout (`_Conn.timed_out`).
@@ -76,6 +79,9 @@ class Client(Protocol):
     def resume(self, request: ProxyRequest, keep_alive: bool, resume: Resume | None) -> None:
         """Answer `request` through `Proxy.handle` in the connection's Task after all."""
 
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """A backend's interim (1xx) head, as `ResponseSink.interim`."""
+
 
 class BufferedBody(Protocol):
     """The fast server's request body, all received: its chunks are taken as they are."""
@@ -126,6 +132,12 @@ class FastExchange:
         # before, `abandon` gives them back.
         self.client.resume(self.request, self.keep_alive,
                            Resume(plan, resp, self.sent, self.payload))
+
+    def response_interim(self, status: int, reason: str, headers: Headers) -> None:
+        # Before the final head (the connection calls this only then), so before any answer
+        # of ours. It came from the backend, so `got_bytes` is set: a failure after it is
+        # never resent as a stale connection's (`response_failed`).
+        self.client.interim(status, reason, headers)
 
     def response_done(self, resp: FastResponse) -> None:
         plan = self.plan

@@ -18,7 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from gateway.upstream.base import HOP_BY_HOP, Body, Headers, Upstream, UpstreamResponse
+from gateway.upstream.base import (
+    HOP_BY_HOP,
+    Body,
+    Headers,
+    InterimReceiver,
+    Upstream,
+    UpstreamResponse,
+)
 
 UpstreamFactory = Callable[[str], Upstream]
 """Makes the upstream of one origin: tests pass one (e.g. `MockUpstream`) to run features
@@ -39,5 +46,5 @@ def make_upstream(origin: str, kind: str | UpstreamFactory = "fast") -> Upstream
     return AiohttpUpstream(origin)
 
 
-__all__ = ["Body", "HOP_BY_HOP", "Headers", "Upstream", "UpstreamFactory", "UpstreamResponse",
-           "make_upstream"]
+__all__ = ["Body", "HOP_BY_HOP", "Headers", "InterimReceiver", "Upstream", "UpstreamFactory",
+           "UpstreamResponse", "make_upstream"]

@@ -18,6 +18,15 @@ HOP_BY_HOP = frozenset({
 })
 
 
+class InterimReceiver(Protocol):
+    """Who gets a backend's interim (1xx) heads (`Upstream.send(..., interim=)`): the
+    proxy's `ResponseSink`, which forwards them (gateway/interim.py says which)."""
+
+    def interim(self, status: int, reason: str, headers: Headers) -> None:
+        """One interim head, before the final one; headers as received. Called from the
+        upstream's protocol callbacks: it must not block nor await."""
+
+
 class UpstreamResponse(Protocol):
     status: int
     reason: str
@@ -45,9 +54,12 @@ class Upstream(Protocol):
         body: Body,
         timeouts: Timeouts,
         length: int | None = None,
+        interim: InterimReceiver | None = None,
     ) -> UpstreamResponse:
         """Send a request (`target` is path + query) and return once the status line and
         headers are in. `length`: the size of a streamed `body` when known (Content-Length
-        framing; the stream must yield exactly that many bytes), None for chunked."""
+        framing; the stream must yield exactly that many bytes), None for chunked.
+        `interim`: gets the interim (1xx) heads that come before the final one, if the
+        implementation sees them (the fast pool does; aiohttp's client drops them)."""
 
     async def close(self) -> None: ...

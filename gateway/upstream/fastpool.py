@@ -25,6 +25,11 @@ How it is put together:
   reading only when asked for the next chunk (after the consumer wrote the last one out), so
   memory per response stays near `READ_HIGH` plus one socket read, however slow the client.
 
+- Interim (1xx) heads before the final one are handed to whoever sent the request, only when
+  one comes: a `ResponseListener`'s `response_interim`, or the `interim` receiver given to
+  `send()` (kept on the connection until the final head or the failure). No per-request
+  cost for the usual answer without one. A 101 the pool did not ask for fails the request.
+
 Errors are translated here, once: refused / unreachable / DNS → `UpstreamConnectError`; reset,
 closed early or an unparsable response → `UpstreamResetError`; connect or read timeout →
 `UpstreamTimeout`; no free connection within the connect timeout (or the wait queue full) →
@@ -51,7 +56,7 @@ from gateway.errors import (
     UpstreamResetError,
     UpstreamTimeout,
 )
-from gateway.upstream.base import Body, Headers
+from gateway.upstream.base import Body, Headers, InterimReceiver
 
 log = logging.getLogger("modelgate.upstream")
 
@@ -89,6 +94,10 @@ class ResponseListener(Protocol):
 
     def response_failed(self, exc: UpstreamError, got_bytes: bool) -> None:
         """No (complete) response: the connection is dropped; `got_bytes`: any byte came."""
+
+    def response_interim(self, status: int, reason: str, headers: Headers) -> None:
+        """An interim (1xx) head came before the final one, headers as received (called
+        only then: a response without one costs nothing)."""
 
 
 # _Conn.state
@@ -240,6 +249,7 @@ class _Conn(asyncio.Protocol):
         "read_timeout", "got_bytes", "reading_paused", "_head_waiter", "_drain_waiter",
         "_write_paused", "_writing", "_head_only", "resp", "_reason", "_headers",
         "_content_length", "_chunked", "_informational", "_keep_alive", "_msg_done", "listener",
+        "interim",
     )
 
     def __init__(self, pool: FastUpstream, loop: asyncio.AbstractEventLoop) -> None:
@@ -268,6 +278,9 @@ class _Conn(asyncio.Protocol):
         self._keep_alive = False
         self._msg_done = False
         self.listener: ResponseListener | None = None  # a request sent by try_start
+        # Who gets the interim heads of a request sent by `send()`: set only when its caller
+        # passed one, cleared with the final head (or the failure).
+        self.interim: InterimReceiver | None = None
 
     # asyncio.Protocol
 
@@ -351,6 +364,9 @@ class _Conn(asyncio.Protocol):
             if status == 101:
                 raise _ProtocolViolation("unexpected protocol upgrade (101)")
             self._informational = True  # 100 Continue, 103 Early Hints...: wait for the next
+            listener = self.listener
+            if listener is not None or self.interim is not None:
+                self._interim(status, listener)
             return
         waiter = self._head_waiter
         listener = self.listener
@@ -361,6 +377,7 @@ class _Conn(asyncio.Protocol):
                 # feet).
                 raise _ProtocolViolation("response to an abandoned request")
             self._head_waiter = None
+            self.interim = None  # the final head is in: no interim head may follow it
         self._keep_alive = self.parser.should_keep_alive()
         length = None if self._chunked else self._content_length
         reason = self._reason.decode("latin-1")  # exact: the server encodes it back
@@ -377,6 +394,19 @@ class _Conn(asyncio.Protocol):
         else:
             assert waiter is not None
             waiter.set_result(resp)
+
+    def _interim(self, status: int, listener: ResponseListener | None) -> None:
+        """Hand an interim head to the request's caller. `_headers` is this message's own
+        list (`on_message_begin` starts a new one). A failure to pass on a hint must not
+        fail the exchange: it is logged."""
+        reason = self._reason.decode("latin-1")
+        try:
+            if listener is not None:
+                listener.response_interim(status, reason, self._headers)
+            elif self.interim is not None:
+                self.interim.interim(status, reason, self._headers)
+        except Exception:
+            log.exception("passing on a %d from %s failed", status, self.pool.origin)
 
     def on_body(self, body: bytes) -> None:
         resp = self.resp
@@ -400,11 +430,14 @@ class _Conn(asyncio.Protocol):
     async def request(
         self, head: bytes, payload: bytes | None, stream: AsyncIterable[bytes] | None,
         read_timeout: float, head_only: bool, chunked: bool = True,
+        interim: InterimReceiver | None = None,
     ) -> FastResponse:
         self.got_bytes = False
         transport = self.transport
         if self.closed or transport is None or transport.is_closing():
             raise UpstreamResetError(f"{self.pool.origin}: connection closed")
+        if interim is not None:
+            self.interim = interim
         self.read_timeout = read_timeout
         self._head_only = head_only
         waiter: asyncio.Future[FastResponse] = self.loop.create_future()
@@ -512,6 +545,7 @@ class _Conn(asyncio.Protocol):
             self._drop(abort=True)
             listener.response_failed(exc, self.got_bytes)
             return
+        self.interim = None
         waiter = self._head_waiter
         if waiter is not None:
             self._head_waiter = None
@@ -602,7 +636,7 @@ class FastUpstream:
 
     async def send(
         self, method: str, target: str, headers: Headers, body: Body, timeouts: Timeouts,
-        length: int | None = None,
+        length: int | None = None, interim: InterimReceiver | None = None,
     ) -> FastResponse:
         payload: bytes | None = None
         stream: AsyncIterable[bytes] | None = None
@@ -630,7 +664,7 @@ class FastUpstream:
                 conn, reused = await self._acquire(timeouts, fresh)
             try:
                 return await conn.request(head, payload, stream, timeouts.read, head_only,
-                                          length is None)
+                                          length is None, interim)
             except UpstreamResetError:
                 # A reused connection the server had closed while idle: try once on a new one.
                 # Only when nothing came back and the body can be sent again.

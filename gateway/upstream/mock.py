@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.config import Timeouts
-from gateway.upstream.base import Body, Headers, Upstream
+from gateway.upstream.base import Body, Headers, InterimReceiver, Upstream
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +88,9 @@ class MockUpstream:
         self.requests: list[MockRequest] = []
 
     async def send(self, method: str, target: str, headers: Headers, body: Body,
-                   timeouts: Timeouts, length: int | None = None) -> _Response:
+                   timeouts: Timeouts, length: int | None = None,
+                   interim: InterimReceiver | None = None) -> _Response:
+        # A handler answers with one final response: there are no interim heads to pass on.
         if body is None or isinstance(body, bytes):
             data = body or b""
         else:
