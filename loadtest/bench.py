@@ -1413,6 +1413,8 @@ def profile_main(argv: Sequence[str]) -> int:
         "sample it with py-spy and print the functions with the most self time.",
     )
     p.add_argument("--upstream", choices=("aiohttp", "fast"), default="fast")
+    p.add_argument("--cell", choices=("canary", "shadow-probes"), default="canary",
+                   help="the gateway configuration of that budget cell (default canary)")
     p.add_argument("--seconds", type=int, default=10, help="sampling seconds (default 10)")
     p.add_argument("--connections", type=int, default=64, help="wrk connections (default 64)")
     p.add_argument("--top", type=int, default=15)
@@ -1443,7 +1445,17 @@ def profile_main(argv: Sequence[str]) -> int:
                                                   LOAD_CPU, BODY=BACKEND_BODY)
                 else:
                     _, backend_port = start_model_server(procs)
-                gateway, port = start_modelgate(procs, "modelgate", args.upstream, backend_port)
+                shadow_port = None
+                if args.cell == "shadow-probes":
+                    if find_nginx():
+                        _, shadow_port = start_nginx(procs, "backend-shadow",
+                                                     "backend.conf.template", LOAD_CPU,
+                                                     BODY=BACKEND_BODY)
+                    else:
+                        _, shadow_port = start_model_server(procs, "backend-shadow")
+                gateway, port = start_modelgate(procs, "modelgate", args.upstream, backend_port,
+                                                shadow_port=shadow_port,
+                                                probes=shadow_port is not None)
                 script = workdir / "post.lua"
                 script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "users": USERS})
                 load = procs.start("wrk", [wrk, "-t1", f"-c{args.connections}",
@@ -1477,7 +1489,8 @@ def profile_main(argv: Sequence[str]) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"modelgate --upstream {args.upstream} under wrk -c{args.connections}: "
+    table = Table(title=f"modelgate ({args.cell}) --upstream {args.upstream} under wrk "
+                  f"-c{args.connections}: "
                   f"{rps:,.0f} req/s, {total} samples (on-CPU)", title_justify="left")
     for col in ("#", "line (file:line)" if args.lines else "function (file:line)", "self %",
                 "total %"):
