@@ -24,10 +24,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httptools
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+
+import prototype_proxy  # noqa: E402
 
 from gateway.app import Gateway  # noqa: E402
 from gateway.config import parse_config  # noqa: E402
@@ -135,9 +135,13 @@ async def measure(kind: str, count: int, rounds: int,
         upstream.connection_made(upstream_transport)
         upstream.state = _IDLE
         pool._idle.append(upstream)
+        # The yardstick: loadtest/prototype_proxy.py's protocols (bench.py's `prototype`
+        # target), on the same in-memory transports.
         ref_client, ref_backend = _Transport(), _Transport()
-        ref_up = _ReferenceUp()
-        ref_down = _ReferenceDown(ref_up, ref_client, ref_backend)
+        ref_down = prototype_proxy.Client(backend_port=0)
+        ref_down.transport = ref_client
+        ref_up = ref_down.backend = prototype_proxy.Backend(ref_down)
+        ref_up.transport = ref_backend
         reqs = requests()
         results = []
         gc.collect()
@@ -170,81 +174,6 @@ async def measure(kind: str, count: int, rounds: int,
     finally:
         gc.unfreeze()
         await gateway.stop()
-
-
-class _ReferenceUp(asyncio.Protocol):
-    """The ceiling: PERF-NOTES' bare prototype (httptools both ways, no features), the
-    backend side. Timed the same way, it turns this machine's speed of the moment into a
-    yardstick: modelgate's cost is reported as a multiple of it."""
-
-    def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.reply: Any = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.headers = []
-        self.body = []
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        self.reply(self.parser.get_status_code(), self.headers, b"".join(self.body))
-
-
-class _ReferenceDown(asyncio.Protocol):
-    """The client side of the bare prototype."""
-
-    def __init__(self, up: _ReferenceUp, client: _Transport, backend: _Transport) -> None:
-        self.parser = httptools.HttpRequestParser(self)
-        self.up = up
-        self.client = client
-        self.backend = backend
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-
-    def data_received(self, data: bytes) -> None:
-        self.parser.feed_data(data)
-
-    def on_message_begin(self) -> None:
-        self.url = b""
-        self.headers = []
-        self.body = []
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-
-    def on_message_complete(self) -> None:
-        parts = [b"POST ", self.url, b" HTTP/1.1\r\n"]
-        for name, value in self.headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        parts.append(b"".join(self.body))
-        self.up.reply = self.answer
-        self.backend.write(b"".join(parts))
-
-    def answer(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-        parts = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in headers:
-            parts += (name, b": ", value, b"\r\n")
-        parts.append(b"\r\n")
-        parts.append(body)
-        self.client.write(b"".join(parts))
 
 
 def _yaml(text: str) -> Any:
