@@ -21,15 +21,10 @@ server's to keep (gateway/server/fast.py `_Connection.interim`): it knows the co
 
 from __future__ import annotations
 
-from gateway.proxy import (
-    _RESPONSE_KIND_BY_RAW,
-    R_CONNECTION,
-    R_PLAIN,
-    R_REQUEST_ID,
-    connection_tokens,
-    response_header_kind,
-)
+from gateway.proxy import end_to_end_headers
 from gateway.upstream import Headers
+
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 def interim_headers(status: int, headers: Headers) -> Headers | None:
@@ -44,20 +39,9 @@ def interim_headers(status: int, headers: Headers) -> Headers | None:
     """
     if status < 102 or status > 199:
         return None
-    out: Headers = []
-    named: frozenset[bytes] = frozenset()
-    kind_of = _RESPONSE_KIND_BY_RAW.get
-    for item in headers:
-        kind = kind_of(item[0])
-        if kind is None:
-            kind = response_header_kind(item[0])
-        if kind == R_PLAIN or kind == R_REQUEST_ID:
-            out.append(item)
-        elif kind == R_CONNECTION:
-            named |= connection_tokens(item[1])
-        # R_DROP (hop-by-hop) and R_FRAMING (no body follows a 1xx): dropped
-    if named:  # rare: headers the Connection header made hop-by-hop
-        out = [(n, v) for n, v in out if n.lower() not in named]
+    out, _, framed = end_to_end_headers(headers)
+    if framed:  # no body follows a 1xx: its framing headers go too
+        out = [(n, v) for n, v in out if n.lower() not in _FRAMING]
     return out
 
 

@@ -104,6 +104,35 @@ def response_header_kind(name: bytes) -> int:
     return kind
 
 
+def end_to_end_headers(headers: Headers) -> tuple[Headers, bool, bool]:
+    """A backend's response (or interim) headers minus the hop-by-hop ones: the fixed set
+    and those its Connection header names. Also whether they hold an X-Request-ID and a
+    framing header (Content-Length or Transfer-Encoding, as received)."""
+    out: Headers = []
+    has_id = framed = False
+    named: frozenset[bytes] = frozenset()
+    kind_of = _RESPONSE_KIND_BY_RAW.get
+    for item in headers:
+        kind = kind_of(item[0])
+        if kind is None:
+            kind = response_header_kind(item[0])
+        if kind != R_PLAIN:
+            if kind == R_DROP:
+                continue
+            if kind == R_CONNECTION:
+                named |= connection_tokens(item[1])
+                continue
+            if kind == R_REQUEST_ID:
+                has_id = True
+            else:
+                framed = True
+        out.append(item)
+    if named:  # rare: headers the backend's Connection header made hop-by-hop
+        out = [(n, v) for n, v in out if n.lower() not in named]
+        has_id = any(n.lower() == b"x-request-id" for n, _ in out)
+    return out, has_id, framed
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -708,28 +737,7 @@ class Proxy:
     def _response_headers(resp: UpstreamResponse, rid: bytes) -> tuple[Headers, bool]:
         """The backend's headers minus hop-by-hop ones, plus our X-Request-ID; and whether
         they hold a framing header (Content-Length or Transfer-Encoding)."""
-        out: Headers = []
-        has_id = framed = False
-        named: frozenset[bytes] = frozenset()
-        kind_of = _RESPONSE_KIND_BY_RAW.get
-        for item in resp.headers:
-            kind = kind_of(item[0])
-            if kind is None:
-                kind = response_header_kind(item[0])
-            if kind != R_PLAIN:
-                if kind == R_DROP:
-                    continue
-                if kind == R_CONNECTION:
-                    named |= connection_tokens(item[1])
-                    continue
-                if kind == R_REQUEST_ID:
-                    has_id = True
-                else:
-                    framed = True
-            out.append(item)
-        if named:  # rare: headers the backend's Connection header made hop-by-hop
-            out = [(n, v) for n, v in out if n.lower() not in named]
-            has_id = any(n.lower() == b"x-request-id" for n, _ in out)
+        out, has_id, framed = end_to_end_headers(resp.headers)
         if not has_id:
             out.append((REQUEST_ID, rid))
         return out, framed

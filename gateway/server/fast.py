@@ -89,10 +89,13 @@ STATUS_LINES_MAX = 512
 
 
 def _status_line(status: int, reason: str) -> bytes:
-    """b"HTTP/1.1 <status> <reason>" (no CRLF), cached."""
-    line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1", "replace"))
-    if len(_STATUS_LINES) < STATUS_LINES_MAX:
-        _STATUS_LINES[(status, reason)] = line
+    """b"HTTP/1.1 <status> <reason>" (no CRLF), cached. (`answer_backend`, once a request,
+    looks in `_STATUS_LINES` itself first and saves this call.)"""
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1", "replace"))
+        if len(_STATUS_LINES) < STATUS_LINES_MAX:
+            _STATUS_LINES[(status, reason)] = line
     return line
 
 
@@ -178,9 +181,8 @@ class _Connection(asyncio.Protocol):
         "server", "proxy", "config", "loop", "transport", "parser", "peer", "tls", "closed",
         "deadline", "reading_paused", "read_no_more", "queue", "task", "closing", "in_headers",
         "_url", "_headers", "_header_bytes", "_count_bytes", "_length", "_chunked", "_expect",
-        "_body",
-        "_connection_header", "_write_paused", "_drain_waiter", "_out_chunked", "_out_keep_alive",
-        "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
+        "_body", "_connection_header", "_write_paused", "_drain_waiter", "_out_chunked",
+        "_out_keep_alive", "_out_http11", "_head_only", "_discarding", "_discarded", "_answering",
         "_msg_keep_alive", "_pending", "fast", "_lingering", "serial",
     )
 
@@ -646,10 +648,7 @@ class _Connection(asyncio.Protocol):
     # -- ResponseSink (of the request being answered) -----------------------------------------
 
     def _head(self, status: int, reason: str, headers: Headers, framing: bytes) -> bytes:
-        line = _STATUS_LINES.get((status, reason))
-        if line is None:
-            line = _status_line(status, reason)
-        parts = [line, b"\r\n"]
+        parts = [_status_line(status, reason), b"\r\n"]
         for name, value in headers:
             parts += (name, b": ", value, b"\r\n")
         if framing:
@@ -786,11 +785,9 @@ class _Connection(asyncio.Protocol):
         forwarded = interim_headers(status, headers)
         if forwarded is None:
             return
-        line = _STATUS_LINES.get((status, reason))
-        if line is None:
-            line = _status_line(status, reason)
         assert self.transport is not None
-        self.transport.write(b"\r\n".join((line, *map(b": ".join, forwarded), b"", b"")))
+        self.transport.write(b"\r\n".join(
+            (_status_line(status, reason), *map(b": ".join, forwarded), b"", b"")))
 
     async def _drain(self) -> None:
         waiter = self._drain_waiter = self.loop.create_future()
