@@ -868,6 +868,15 @@ def start_model_server(procs: Processes, name: str = "backend") -> tuple[Proc, i
     return proc, port
 
 
+def start_trivial_backend(procs: Processes, name: str, nginx: bool) -> int:
+    """The trivial backend's port: nginx `return 200` with the fixed body, or the demo model
+    server when nginx is not used."""
+    if nginx:
+        return start_nginx(procs, name, "backend.conf.template", LOAD_CPU,
+                           BODY=BACKEND_BODY)[1]
+    return start_model_server(procs, name)[1]
+
+
 def start_slow_backend(procs: Processes, name: str, delay_ms: float) -> tuple[Proc, int]:
     """loadtest/slow_backend.py: the fixed body after `delay_ms`, cheap enough for 1000s/s."""
     port = free_port()
@@ -1236,23 +1245,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             # The backends each planned target needs, started once.
             ports: dict[str, int] = {}
             if any(kind == "trivial" for _, kind in plan):
-                if backend_kind == "nginx":
-                    _, ports["trivial"] = start_nginx(procs, "backend", "backend.conf.template",
-                                                      LOAD_CPU, BODY=BACKEND_BODY)
-                else:
-                    _, ports["trivial"] = start_model_server(procs)
+                ports["trivial"] = start_trivial_backend(procs, "backend",
+                                                         backend_kind == "nginx")
             if any(kind == "model20ms" for _, kind in plan):
                 _, ports["model20ms"] = start_slow_backend(procs, "backend-model20ms",
                                                            MODEL_LATENCY_MS)
             shadow_port = None
             if any(CELLS[c].shadow_probes for c in cells):
                 # A second backend for the shadow copies, of the same kind as the first.
-                if backend_kind == "nginx":
-                    _, shadow_port = start_nginx(procs, "backend-shadow",
-                                                 "backend.conf.template", LOAD_CPU,
-                                                 BODY=BACKEND_BODY)
-                else:
-                    _, shadow_port = start_model_server(procs, "backend-shadow")
+                shadow_port = start_trivial_backend(procs, "backend-shadow",
+                                                    backend_kind == "nginx")
             redis_url = None
             if any(CELLS[c].redis for c in cells):
                 _, redis_port = start_redis(procs)
@@ -1440,19 +1442,11 @@ def profile_main(argv: Sequence[str]) -> int:
             workdir = Path(tmp)
             procs = Processes(workdir, pin)
             try:
-                if find_nginx():
-                    _, backend_port = start_nginx(procs, "backend", "backend.conf.template",
-                                                  LOAD_CPU, BODY=BACKEND_BODY)
-                else:
-                    _, backend_port = start_model_server(procs)
+                nginx = find_nginx() is not None
+                backend_port = start_trivial_backend(procs, "backend", nginx)
                 shadow_port = None
                 if args.cell == "shadow-probes":
-                    if find_nginx():
-                        _, shadow_port = start_nginx(procs, "backend-shadow",
-                                                     "backend.conf.template", LOAD_CPU,
-                                                     BODY=BACKEND_BODY)
-                    else:
-                        _, shadow_port = start_model_server(procs, "backend-shadow")
+                    shadow_port = start_trivial_backend(procs, "backend-shadow", nginx)
                 gateway, port = start_modelgate(procs, "modelgate", args.upstream, backend_port,
                                                 shadow_port=shadow_port,
                                                 probes=shadow_port is not None)
