@@ -49,6 +49,14 @@ def may_fall_back(plan: Attempt, method: str, exc: UpstreamError) -> bool:
         plan.route.retry_safe)
 
 
+def _budget_allows(backend: Backend, now: float) -> bool:
+    """Whether `backend`'s retry budget takes one more retry now (counting it if so), its
+    requests read from the backend's own per-second metrics."""
+    budget = backend.budget
+    return budget is not None and budget.try_retry(
+        now, backend.stats.recent_requests(BUDGET_WINDOW))
+
+
 def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) -> bool:
     """Whether a request that failed on `plan.upstream` before any byte reached the client
     goes again, and where (`plan` is changed to say so):
@@ -66,8 +74,7 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) 
     now = time.perf_counter()
     if resend and not plan.retried & RETRIED_URL:
         other = backend.other_upstream(plan.upstream)
-        if other is not None and backend.budget is not None and backend.budget.try_retry(
-                now, backend.stats.recent_requests(BUDGET_WINDOW)):
+        if other is not None and _budget_allows(backend, now):
             backend.stats.upstream_error(kind)  # a failed call; the request goes on
             plan.upstream = other
             plan.retried |= RETRIED_URL
@@ -79,8 +86,7 @@ def retry(plan: Attempt, status: int, kind: str, resend: bool, fall_back: bool) 
     live = route.live
     if live.gate is not None and live.gate.full():
         return False
-    if live.budget is None or not live.budget.try_retry(
-            now, live.stats.recent_requests(BUDGET_WINDOW)):
+    if not _budget_allows(live, now):
         return False
     stats = backend.stats
     if kind:
