@@ -121,6 +121,9 @@ class AdminClient:
         self._client.close()
 
 
+NONE = "-"  # a table cell with no value
+
+
 def console() -> Console:
     """Rich output; wide when piped so tables are not squeezed into 80 columns."""
     tty = sys.stdout.isatty()

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from rich.table import Table
 
 from gateway.cli.client import (
+    NONE,
     AdminClient,
     CliError,
     add_client_arguments,
@@ -26,8 +27,6 @@ from gateway.cli.client import (
 )
 from gateway.errors import ConfigError
 from gateway.logs import add_log_arguments
-
-NONE = "-"
 
 
 def register(sub: Any) -> None:

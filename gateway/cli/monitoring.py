@@ -19,14 +19,13 @@ from urllib.parse import quote
 from rich.table import Table
 
 from gateway.cli.client import (
+    NONE,
     AdminClient,
     CliError,
     add_client_arguments,
     console,
     print_json,
 )
-
-NONE = "-"
 
 
 def register(sub: Any) -> None:

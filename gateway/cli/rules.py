@@ -29,8 +29,6 @@ from gateway.cli.client import (
 )
 from gateway.state import RULE_OPS, RULE_SOURCES
 
-NONE = "-"
-
 
 def register(sub: Any) -> None:
     """Add ``modelgate rules ...`` to the top-level parser's subparsers."""
